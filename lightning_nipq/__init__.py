@@ -1,0 +1,50 @@
+"""lightning-nipq: NIPQ (noise proxy-based integrated pseudo-quantization) for PyTorch Lightning.
+
+The public API is what this module exports.
+"""
+
+from lightning_nipq.attach import AttachResult, QuantizerConfig, attach_quantizers, detach_quantizers, quantizers
+from lightning_nipq.bit_budget import BitBudget, fit_bits_to_budget, weight_and_act_average_bits
+from lightning_nipq.calibration import calibrate_activations
+from lightning_nipq.callbacks import HardQuantize, NIPQCallback
+from lightning_nipq.callbacks.nipq import bit_loss
+from lightning_nipq.fake_quant import hard_fake_quant, integer_codes, noise_fake_quant, num_levels, round_ste
+from lightning_nipq.hard_quantize import (
+    IntegerMismatchError,
+    convert_to_integer,
+    freeze_quantizers,
+    hard_quantize,
+    recalibrate_batchnorm,
+)
+from lightning_nipq.quantizer import NIPQQuantizer
+from lightning_nipq.report import LayerReport, QuantizationReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttachResult",
+    "BitBudget",
+    "HardQuantize",
+    "IntegerMismatchError",
+    "LayerReport",
+    "NIPQCallback",
+    "NIPQQuantizer",
+    "QuantizationReport",
+    "QuantizerConfig",
+    "attach_quantizers",
+    "bit_loss",
+    "calibrate_activations",
+    "convert_to_integer",
+    "detach_quantizers",
+    "fit_bits_to_budget",
+    "freeze_quantizers",
+    "hard_fake_quant",
+    "hard_quantize",
+    "integer_codes",
+    "noise_fake_quant",
+    "num_levels",
+    "quantizers",
+    "recalibrate_batchnorm",
+    "round_ste",
+    "weight_and_act_average_bits",
+]

@@ -1,0 +1,202 @@
+"""Finding the layers of a model to quantize and attaching quantizers to them. Plain torch."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+from torch import nn
+
+from lightning_nipq.integer_layers import is_integer
+from lightning_nipq.layers import FLOAT_CLASS, QUANTIZABLE_TYPES, QUANTIZED_CLASS, is_quantized
+from lightning_nipq.quantizer import NIPQQuantizer
+
+
+@dataclass
+class QuantizerConfig:
+    """How quantizers are built. ``weight_bits``/``act_bits`` freeze the bit-width."""
+
+    min_bits: int = 2
+    max_bits: int = 8
+    init_bits: Optional[float] = None
+    weight_bits: Optional[int] = None
+    act_bits: Optional[int] = None
+    noise: str = "uniform"
+    stochastic_bits: bool = True
+
+    def make(self, fixed: Optional[int], init_alpha: float, calibrated: bool, signed: bool) -> NIPQQuantizer:
+        lo, hi = (fixed, fixed) if fixed is not None else (self.min_bits, self.max_bits)
+        return NIPQQuantizer(
+            signed=signed,
+            min_bits=lo,
+            max_bits=hi,
+            init_bits=self.init_bits if fixed is None else None,
+            fixed_bits=fixed,
+            init_alpha=init_alpha,
+            noise=self.noise,
+            stochastic_bits=self.stochastic_bits,
+            calibrated=calibrated,
+        )
+
+
+@dataclass
+class AttachResult:
+    """What :func:`attach_quantizers` did: the quantized layers and everything it left alone, with why."""
+
+    quantized: list[str] = field(default_factory=list)
+    float_input: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _unquantizable_reason(name: str, module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
+    """Why a module that holds a matrix-like weight is not quantized, or None if it is a target."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "called by nn.MultiheadAttention through F.multi_head_attention_forward, not through its forward"
+    if isinstance(module, nn.MultiheadAttention):
+        return (
+            "nn.MultiheadAttention uses its packed in_proj_weight inside F.multi_head_attention_forward; "
+            "write the projections as nn.Linear layers to quantize them"
+        )
+    if type(module) in QUANTIZABLE_TYPES:
+        return None
+    if isinstance(module, QUANTIZABLE_TYPES):
+        return f"{type(module).__name__} subclasses a supported layer and may override its forward"
+    has_matrix = any(p.dim() >= 2 for p in module.parameters(recurse=False))
+    if has_matrix:
+        return f"{type(module).__name__} is not a supported layer type (Linear, Conv1d, Conv2d, Conv3d)"
+    return None
+
+
+def plan_layers(
+    model: nn.Module,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """Layers to quantize, in registration order, and ``(name, reason)`` for what is left out.
+
+    ``include``/``exclude`` are shell-style patterns on module names (``"encoder.*"``).
+    A pattern that matches no module is an error, since it is almost always a typo.
+    """
+    include = list(include) if include is not None else None
+    exclude = list(exclude or [])
+    named = dict(model.named_modules())
+    for pattern in (include or []) + exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in named if name):
+            raise ValueError(
+                f"pattern {pattern!r} matches no module of {type(model).__name__}; "
+                f"module names look like {[n for n in list(named)[1:6]]}"
+            )
+    parents = {id(child): mod for mod in named.values() for child in mod.children()}
+    targets: list[tuple[str, nn.Module]] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[int] = set()
+    for name, module in named.items():
+        if not name or id(module) in seen:
+            continue
+        seen.add(id(module))
+        if is_quantized(module) or is_integer(module):
+            raise ValueError(f"{name} is already quantized; build the model afresh or call detach_quantizers first")
+        reason = _unquantizable_reason(name, module, parents.get(id(module)))
+        if reason is not None:
+            skipped.append((name, reason))
+            continue
+        if type(module) not in QUANTIZABLE_TYPES:
+            continue
+        if include is not None and not _matches(name, include):
+            skipped.append((name, "not matched by include"))
+        elif _matches(name, exclude):
+            skipped.append((name, "matched by exclude"))
+        else:
+            targets.append((name, module))
+    return targets, skipped
+
+
+def attach_quantizers(
+    model: nn.Module,
+    config: Optional[QuantizerConfig] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    float_input_layers: Optional[Sequence[str]] = None,
+) -> AttachResult:
+    """Quantize the weight and input of every supported layer of ``model``, in place.
+
+    Weights start with ``alpha = max|W|``. Input quantizers start uncalibrated: they pass
+    their input through until :func:`lightning_nipq.calibration.calibrate_activations`
+    (or ``NIPQQuantizer.set_range``) gives them a range and a sign.
+
+    ``float_input_layers`` names the layers whose input stays float; by default the first
+    supported layer in registration order, which takes the raw model input in most models.
+    """
+    config = config or QuantizerConfig()
+    targets, skipped = plan_layers(model, include, exclude)
+    if not targets:
+        supported = ", ".join(t.__name__ for t in QUANTIZABLE_TYPES)
+        detail = "; ".join(f"{n}: {r}" for n, r in skipped[:5])
+        raise ValueError(
+            f"{type(model).__name__} has no layer to quantize (supported: {supported})"
+            + (f"; left out: {detail}" if detail else "")
+            + ". Check include/exclude or add supported layers."
+        )
+    if float_input_layers is None:
+        float_inputs = {targets[0][0]}
+    else:
+        float_inputs = set(float_input_layers)
+        unknown = float_inputs - {n for n, _ in targets}
+        if unknown:
+            raise ValueError(f"float_input_layers {sorted(unknown)} are not among the quantized layers")
+    result = AttachResult(skipped=skipped)
+    for name, layer in targets:
+        init_alpha = float(layer.weight.detach().abs().max().clamp_min(1e-8))
+        wq = config.make(config.weight_bits, init_alpha=init_alpha, calibrated=True, signed=True)
+        wq.size = layer.weight.numel()
+        layer.__class__ = QUANTIZED_CLASS[type(layer)]
+        layer.weight_quantizer = wq.to(layer.weight.device)
+        if name in float_inputs:
+            layer.input_quantizer = None
+            result.float_input.append(name)
+        else:
+            layer.input_quantizer = config.make(config.act_bits, init_alpha=1.0, calibrated=False, signed=True).to(
+                layer.weight.device
+            )
+        result.quantized.append(name)
+    _disable_transformer_fast_path(model)
+    return result
+
+
+def _disable_transformer_fast_path(model: nn.Module) -> None:
+    # In eval, TransformerEncoderLayer may run one fused kernel that reads linear1/linear2
+    # weights directly and skips their forward, and so our quantizers. This flag is only
+    # read by that fast-path check.
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and any(is_quantized(m) for m in module.modules()):
+            module.activation_relu_or_gelu = 0
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every fake-quantized layer, each once, in registration order."""
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if is_quantized(module) and id(module) not in seen:
+            seen.add(id(module))
+            yield name, module
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, NIPQQuantizer]]:
+    """``(name, quantizer)`` for every quantizer, weights before inputs within a layer."""
+    for name, layer in quantized_layers(model):
+        yield f"{name}.weight_quantizer", layer.weight_quantizer
+        if layer.input_quantizer is not None:
+            yield f"{name}.input_quantizer", layer.input_quantizer
+
+
+def detach_quantizers(model: nn.Module) -> None:
+    """Undo :func:`attach_quantizers`: the layers become plain float layers again."""
+    for _, layer in list(quantized_layers(model)):
+        del layer.weight_quantizer
+        del layer.input_quantizer
+        layer.__class__ = FLOAT_CLASS[type(layer)]

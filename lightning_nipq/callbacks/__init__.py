@@ -1,0 +1,6 @@
+"""The Lightning callbacks: the thin glue around the plain-torch quantization code."""
+
+from lightning_nipq.callbacks.hard_quantize import HardQuantize
+from lightning_nipq.callbacks.nipq import NIPQCallback
+
+__all__ = ["HardQuantize", "NIPQCallback"]

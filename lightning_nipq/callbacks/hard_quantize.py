@@ -1,0 +1,133 @@
+"""HardQuantize: turn the NIPQ-trained model into a validated integer model when training ends."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_nipq.callbacks.nipq import NIPQCallback
+from lightning_nipq.hard_quantize import InputFn, hard_quantize
+from lightning_nipq.report import QuantizationReport
+
+
+class HardQuantize(Callback):
+    r"""Freeze the learned bits and ranges, convert to integer layers, and validate, at the end of fit.
+
+    At ``on_train_end`` (after the last checkpoint of the fit is written) it:
+
+    1. freezes every quantizer at its whole bit-width (through :class:`NIPQCallback`, so the
+       bits meet its budget) and switches to hard quantization;
+    2. optionally re-estimates BatchNorm statistics on ``bn_batches`` training batches;
+    3. converts every quantized layer into an integer layer (integer weight codes and a
+       scale; inputs quantized to codes; the matmul or convolution computed exactly on codes);
+    4. compares the integer model with the fake-quantized one on ``compare_batches``
+       validation batches and raises :class:`~lightning_nipq.IntegerMismatchError` if the
+       argmax agreement is under ``min_agreement`` or the relative difference over
+       ``max_rel_diff``;
+    5. runs your ``validation_step`` on the integer model, so its metrics are logged;
+    6. prints the per-layer report on rank zero and keeps it as :attr:`report`.
+
+    Args:
+        bn_batches: training batches for BatchNorm re-estimation (0 turns it off).
+        compare_batches: validation batches for the integer-versus-fake-quantized check.
+        min_agreement: lowest acceptable argmax agreement between the two.
+        max_rel_diff: highest acceptable ``max |diff| / max |output|``.
+        input_fn: maps a batch to the model input; by default the batch's first tensor.
+        run_validation: run the validation loop on the integer model.
+        verbose: print the report.
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[NIPQCallback(target_bits=3), HardQuantize(bn_batches=20)])
+        trainer.fit(model, datamodule=dm)
+        print(trainer.callbacks[1].report.avg_weight_bits)
+    """
+
+    def __init__(
+        self,
+        bn_batches: int = 0,
+        compare_batches: int = 8,
+        min_agreement: float = 0.999,
+        max_rel_diff: float = 1e-3,
+        input_fn: Optional[InputFn] = None,
+        run_validation: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        if not isinstance(bn_batches, int) or bn_batches < 0:
+            raise ValueError(f"bn_batches must be a whole number >= 0, got {bn_batches!r}")
+        if not isinstance(compare_batches, int) or compare_batches < 0:
+            raise ValueError(f"compare_batches must be a whole number >= 0, got {compare_batches!r}")
+        if not 0.0 <= min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
+        if max_rel_diff <= 0:
+            raise ValueError(f"max_rel_diff must be > 0, got {max_rel_diff}")
+        self.bn_batches = bn_batches
+        self.compare_batches = compare_batches
+        self.min_agreement = min_agreement
+        self.max_rel_diff = max_rel_diff
+        self.input_fn = input_fn
+        self.run_validation = run_validation
+        self.verbose = verbose
+        self.report: Optional[QuantizationReport] = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, NIPQCallback):
+                callback.finalize_bits(pl_module)
+        bn = self._batches(trainer, trainer.train_dataloader, self.bn_batches) if self.bn_batches else None
+        compare = self._batches(trainer, self._compare_loader(trainer), self.compare_batches)
+        self.report = hard_quantize(
+            pl_module,
+            bn_batches=bn,
+            compare_batches=compare,
+            input_fn=self.input_fn,
+            min_agreement=self.min_agreement,
+            max_rel_diff=self.max_rel_diff,
+        )
+        if self.run_validation and self._has_validation(trainer):
+            self.report.integer_metrics = self._validate(trainer)
+        if self.verbose:
+            rank_zero_info("HardQuantize: integer model\n" + self.report.table())
+
+    @staticmethod
+    def _compare_loader(trainer: Trainer) -> Any:
+        val = trainer.val_dataloaders
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
+        return val if val is not None else trainer.train_dataloader
+
+    @staticmethod
+    def _batches(trainer: Trainer, loader: Any, count: int) -> list[Any]:
+        if loader is None or count == 0:
+            return []
+        with torch.no_grad():
+            return [trainer.strategy.batch_to_device(b) for b in itertools.islice(iter(loader), count)]
+
+    @staticmethod
+    def _has_validation(trainer: Trainer) -> bool:
+        return trainer.val_dataloaders is not None and bool(trainer.num_val_batches) and sum(trainer.num_val_batches) > 0
+
+    @staticmethod
+    def _validate(trainer: Trainer) -> dict[str, float]:
+        # ``trainer.validate`` cannot run inside ``fit``; the fit loop's own validation loop
+        # can, exactly as it runs after each epoch, and logs through the same loggers.
+        before = dict(trainer.callback_metrics)
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        trainer.validating = True
+        try:
+            val_loop.run()
+        finally:
+            trainer.training = True
+        after = trainer.callback_metrics
+        return {
+            k: float(v)
+            for k, v in after.items()
+            if (k not in before or not torch.equal(torch.as_tensor(before[k]), torch.as_tensor(v))) and torch.as_tensor(v).numel() == 1
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"converted": self.report is not None}

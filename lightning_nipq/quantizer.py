@@ -1,0 +1,221 @@
+"""``NIPQQuantizer``: one learnable bit-width and one learnable truncation for one tensor.
+
+A plain ``nn.Module`` that knows nothing of Lightning; use it on its own as
+``q = NIPQQuantizer(signed=True); y = q(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_nipq.fake_quant import hard_fake_quant, noise_fake_quant, num_levels, round_ste
+from lightning_nipq.noise import NOISE_KINDS, sample_noise
+
+Mode = Literal["noise", "hard"]
+
+#: Signed codes are symmetric (``[-n, n]``); below 2 bits that would leave only zero.
+MIN_SIGNED_BITS = 2
+
+
+def inverse_softplus(y: float) -> float:
+    """The ``alpha_raw`` that gives ``softplus(alpha_raw) == y``."""
+    if y > 20.0:
+        return y
+    return math.log(math.expm1(y))
+
+
+class NIPQQuantizer(nn.Module):
+    """Learnable-bit, learnable-range quantizer of NIPQ (Shin et al., CVPR 2023).
+
+    Bits are ``min_bits + (max_bits - min_bits) * sigmoid(theta)``, rounded with a
+    straight-through estimate so that the forward pass always uses whole bits; the
+    truncation is ``alpha = softplus(alpha_raw)``. In training with ``mode="noise"``
+    the output is the input clipped to the range plus one step of noise (the
+    pseudo-quantization proxy); with ``mode="hard"``, and always in eval mode, it is
+    straight-through fake quantization onto at most ``2**bits`` levels.
+
+    Args:
+        signed: codes in ``[-alpha, alpha]`` (weights, signed activations) rather than ``[0, alpha]``.
+        min_bits: lowest bit-width the learned bits may take. Signed quantizers never go below 2.
+        max_bits: highest bit-width.
+        init_bits: starting (continuous) bit-width, by default half a bit under ``max_bits``.
+        fixed_bits: if given, the bit-width is frozen at this integer and ``theta`` is not trained.
+        init_alpha: starting truncation.
+        noise: ``"uniform"`` or ``"histogram"`` noise in the noise phase.
+        stochastic_bits: add ``U(-0.5, 0.5)`` to the continuous bits before rounding in the noise phase.
+        calibrated: ``False`` makes the quantizer pass its input through (and record it with
+            an attached observer) until :meth:`set_range` is called.
+
+    Example::
+
+        >>> q = NIPQQuantizer(signed=True, fixed_bits=3, init_alpha=1.0).eval()
+        >>> torch.unique(q(torch.linspace(-2, 2, 101))).numel() <= 2**3
+        True
+    """
+
+    def __init__(
+        self,
+        signed: bool = True,
+        min_bits: int = 2,
+        max_bits: int = 8,
+        init_bits: Optional[float] = None,
+        fixed_bits: Optional[int] = None,
+        init_alpha: float = 1.0,
+        noise: str = "uniform",
+        stochastic_bits: bool = True,
+        calibrated: bool = True,
+    ) -> None:
+        super().__init__()
+        if min_bits < 1 or max_bits < min_bits:
+            raise ValueError(f"need 1 <= min_bits <= max_bits, got min_bits={min_bits}, max_bits={max_bits}")
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+        if init_alpha <= 0:
+            raise ValueError(f"init_alpha must be positive, got {init_alpha}")
+        self.min_bits = int(min_bits)
+        self.max_bits = int(max_bits)
+        if init_bits is None:
+            init_bits = max_bits - 0.5 if max_bits > min_bits else float(max_bits)
+        self.theta = nn.Parameter(torch.tensor(self._theta_for(init_bits)))
+        self.alpha_raw = nn.Parameter(torch.tensor(inverse_softplus(init_alpha)))
+        self.signed = bool(signed)
+        self.frozen_bits: Optional[int] = None
+        self.noise = noise
+        self.stochastic_bits = stochastic_bits
+        self.calibrated = calibrated
+        self.mode: Mode = "noise"
+        #: Elements quantized per forward (weights: the tensor; activations: one batch's input),
+        #: the weight of this quantizer in the average bit-width.
+        self.size = 0
+        #: Multiply-accumulates of the layer whose weight this quantizes, for the BOPs budget.
+        self.macs = 0
+        self.observer: Optional[Any] = None
+        if fixed_bits is not None:
+            self.freeze_bits(fixed_bits)
+
+    def _theta_for(self, bits: float) -> float:
+        if self.max_bits == self.min_bits:
+            return 0.0
+        share = (bits - self.min_bits) / (self.max_bits - self.min_bits)
+        share = min(max(share, 1e-4), 1 - 1e-4)
+        return math.log(share / (1 - share))
+
+    # ------------------------------------------------------------------ bits and range
+    @property
+    def lowest_bits(self) -> int:
+        return max(self.min_bits, MIN_SIGNED_BITS) if self.signed else self.min_bits
+
+    @property
+    def learns_bits(self) -> bool:
+        return self.frozen_bits is None
+
+    @property
+    def alpha(self) -> Tensor:
+        return F.softplus(self.alpha_raw)
+
+    def continuous_bits(self) -> Tensor:
+        """The learned bit-width before rounding (the frozen value once frozen)."""
+        if self.frozen_bits is not None:
+            # ``0 * theta`` keeps theta in the graph: DDP expects a gradient for every
+            # parameter it registered, frozen or not.
+            return self.theta * 0.0 + float(self.frozen_bits)
+        return self.min_bits + (self.max_bits - self.min_bits) * torch.sigmoid(self.theta)
+
+    def bits(self, stochastic: bool = False) -> Tensor:
+        """Whole bits with a straight-through gradient to the continuous bits."""
+        b = self.continuous_bits()
+        if stochastic and self.frozen_bits is None:
+            b = b + (torch.rand((), device=b.device) - 0.5)
+        return torch.clamp(round_ste(b), self.lowest_bits, self.max_bits)
+
+    def rounded_bits(self) -> int:
+        """The bit-width eval mode uses now, as a Python integer."""
+        return int(self.bits().detach().item())
+
+    def freeze_bits(self, bits: Optional[int] = None) -> None:
+        """Freeze the bit-width at ``bits`` (by default the current rounded bits)."""
+        value = self.rounded_bits() if bits is None else int(bits)
+        if not self.min_bits <= value <= self.max_bits:
+            raise ValueError(f"cannot freeze at {value} bits: this quantizer's range is [{self.min_bits}, {self.max_bits}]")
+        self.frozen_bits = value
+        self.theta.data.fill_(self._theta_for(value))
+
+    def set_range(self, alpha: float, signed: bool) -> None:
+        """Set the truncation and signedness (what calibration does) and start quantizing."""
+        self.alpha_raw.data.fill_(inverse_softplus(max(float(alpha), 1e-8)))
+        self.signed = bool(signed)
+        self.calibrated = True
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.calibrated:
+            if self.training and self.observer is not None:
+                self.observer.observe(self, x)
+            # Zero-weighted use of the parameters keeps DDP's reducer satisfied while the
+            # range is still being measured.
+            return x + (self.alpha_raw + self.theta).to(x.dtype) * 0.0
+        noisy = self.training and self.mode == "noise"
+        bits = self.bits(stochastic=noisy and self.stochastic_bits)
+        alpha = self.alpha
+        # Rounding needs float32: in bf16 a 4-bit grid is already coarser than the data.
+        x32 = x.float()
+        if noisy:
+            noise = sample_noise(self.noise, x32, alpha.detach(), bits.detach(), self.signed)
+            out = noise_fake_quant(x32, alpha, bits, self.signed, noise)
+        else:
+            out = hard_fake_quant(x32, alpha, bits, self.signed)
+        return out.to(x.dtype)
+
+    def step_size(self) -> Tensor:
+        """``alpha / n`` at the current rounded bits."""
+        return self.alpha / num_levels(self.bits(), self.signed)
+
+    def extra_repr(self) -> str:
+        bits = f"bits={self.frozen_bits} (frozen)" if self.frozen_bits is not None else (
+            f"bits~{self.continuous_bits().item():.2f} in [{self.lowest_bits}, {self.max_bits}]"
+        )
+        return f"{'signed' if self.signed else 'unsigned'}, {bits}, alpha={self.alpha.item():.4g}, mode={self.mode}"
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "signed": self.signed,
+            "frozen_bits": self.frozen_bits,
+            "calibrated": self.calibrated,
+            "min_bits": self.min_bits,
+            "max_bits": self.max_bits,
+            "size": self.size,
+            "macs": self.macs,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.signed = bool(state["signed"])
+        self.frozen_bits = None if state["frozen_bits"] is None else int(state["frozen_bits"])
+        self.calibrated = bool(state["calibrated"])
+        self.min_bits = int(state["min_bits"])
+        self.max_bits = int(state["max_bits"])
+        self.size = int(state["size"])
+        self.macs = int(state["macs"])
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A float checkpoint has none of our keys: keep the quantizer as attached and
+        # calibrated instead of failing a strict load, so a float checkpoint still loads.
+        if not any(key.startswith(prefix) for key in state_dict):
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
