@@ -164,16 +164,21 @@ def attach_quantizers(
                 layer.weight.device
             )
         result.quantized.append(name)
-    _disable_transformer_fast_path(model)
+    disable_transformer_fast_path(model)
     return result
 
 
-def _disable_transformer_fast_path(model: nn.Module) -> None:
-    # In eval, TransformerEncoderLayer may run one fused kernel that reads linear1/linear2
-    # weights directly and skips their forward, and so our quantizers. This flag is only
-    # read by that fast-path check.
+def disable_transformer_fast_path(model: nn.Module) -> None:
+    """Keep ``nn.TransformerEncoderLayer`` from bypassing quantized or integer layers.
+
+    In eval, the layer may run one fused kernel that reads ``linear1``/``linear2`` weights
+    directly and skips their forward, and so our quantizers. The flag set here is only read
+    by that fast-path check.
+    """
     for module in model.modules():
-        if isinstance(module, nn.TransformerEncoderLayer) and any(is_quantized(m) for m in module.modules()):
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+            is_quantized(m) or is_integer(m) for m in module.modules()
+        ):
             module.activation_relu_or_gelu = 0
 
 

@@ -17,6 +17,8 @@ Both are two-sided: bits below the target are pushed up as well.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -47,7 +49,13 @@ def average_bits(quantizers: Sequence[NIPQQuantizer]) -> Optional[Tensor]:
 
 def weight_and_act_average_bits(model: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """``(avg weight bits, avg input bits)`` of a fake-quantized model; calibrated inputs only."""
-    pairs = _layer_quantizers(model)
+    return pair_average_bits(_layer_quantizers(model))
+
+
+def pair_average_bits(
+    pairs: Sequence[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]],
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """As :func:`weight_and_act_average_bits`, for ``(weight quantizer, input quantizer)`` pairs."""
     weights = [w for w, _ in pairs]
     inputs = [a for _, a in pairs if a is not None and a.calibrated]
     return average_bits(weights), average_bits(inputs)
@@ -69,7 +77,10 @@ class BitBudget:
 
     def loss(self, model: nn.Module) -> Tensor:
         """The penalty for the model's current bits; zero (with no graph) if no bit is learnable."""
-        pairs = _layer_quantizers(model)
+        return self.loss_of(_layer_quantizers(model))
+
+    def loss_of(self, pairs: Sequence[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]]) -> Tensor:
+        """The penalty for ``(weight quantizer, input quantizer or None)`` pairs, one per layer."""
         device = pairs[0][0].theta.device if pairs else torch.device("cpu")
         if self.budget == "bops":
             return self._bops_loss(pairs, device)
@@ -85,7 +96,7 @@ class BitBudget:
         return total
 
     def _bops_loss(
-        self, pairs: list[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]], device: torch.device
+        self, pairs: Sequence[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]], device: torch.device
     ) -> Tensor:
         measured = [(w, a) for w, a in pairs if w.macs > 0]
         learnable = any(w.learns_bits or (a is not None and a.learns_bits) for w, a in measured)
@@ -104,37 +115,65 @@ class BitBudget:
         return F.smooth_l1_loss(mean, torch.full_like(mean, target))
 
 
-def fit_bits_to_budget(quantizers: Sequence[NIPQQuantizer], target: float) -> dict[int, int]:
-    """Whole bits for each quantizer whose element-weighted mean is at most ``target`` and close to it.
+#: Budget resolution of :func:`fit_bits_to_budget`: the DP tracks at most this many states.
+MAX_BUDGET_STATES = 1 << 18
 
-    Starts from the rounded learned bits. While the mean is over budget, lowers by one bit
-    the learnable layer that rounding pushed up the most; then, while some layer can gain
-    a bit without breaking the budget, raises the one that rounding pushed down the most.
-    Lowering a large layer can overshoot far below the target; the second pass spends that
-    slack. Returns ``{id(quantizer): bits}``.
+
+def fit_bits_to_budget(quantizers: Sequence[NIPQQuantizer], target: float) -> dict[int, int]:
+    """Whole bits, one per quantizer, whose element-weighted mean is at most ``target``.
+
+    Among all such assignments it returns the one closest to the learned continuous bits,
+    measured as the element-weighted squared distance (a knapsack solved exactly by dynamic
+    programming over the budget, discretised conservatively: each layer's cost is rounded
+    up where it is not exact, so the true mean never exceeds the target). When the learned bits already meet the
+    budget this is just their rounding. Frozen quantizers keep their bits. Rounding each
+    layer on its own cannot do this: with a few large layers, the one budget-meeting
+    rounding may need a small layer cut by two bits rather than a large one by one.
+    Returns ``{id(quantizer): bits}``.
     """
     sized = [q for q in quantizers if q.size > 0]
-    bits = {id(q): q.rounded_bits() for q in sized}
+    if not sized:
+        return {}
     total = float(sum(q.size for q in sized))
-    if total == 0:
-        return bits
-    continuous = {id(q): float(q.continuous_bits().detach()) for q in sized}
-    budget = target * total + 1e-6
-
-    def used() -> float:
-        return sum(bits[id(q)] * q.size for q in sized)
-
-    while used() > budget:
-        lowerable = [q for q in sized if q.learns_bits and bits[id(q)] > q.lowest_bits]
-        if not lowerable:
-            break
-        choice = max(lowerable, key=lambda q: (bits[id(q)] - continuous[id(q)], -q.size))
-        bits[id(choice)] -= 1
-    while True:
-        slack = budget - used()
-        raisable = [q for q in sized if q.learns_bits and bits[id(q)] < q.max_bits and q.size <= slack]
-        if not raisable:
-            break
-        choice = max(raisable, key=lambda q: (continuous[id(q)] - bits[id(q)], q.size))
-        bits[id(choice)] += 1
+    continuous = [float(q.continuous_bits().detach()) for q in sized]
+    options = [
+        list(range(q.lowest_bits, q.max_bits + 1)) if q.learns_bits else [q.rounded_bits()] for q in sized
+    ]
+    # Exact when the budget in units of the sizes' gcd fits in the table (it nearly always
+    # does: layer sizes share large powers of two); otherwise costs are rounded up.
+    gcd = functools.reduce(math.gcd, (q.size for q in sized))
+    exact_states = math.floor(target * total / gcd + 1e-9)
+    if exact_states <= MAX_BUDGET_STATES:
+        states, unit = exact_states, float(gcd)
+    else:
+        states = MAX_BUDGET_STATES
+        unit = target * total / states
+    infinity = float("inf")
+    cost = torch.full((states + 1,), infinity, dtype=torch.float64)
+    cost[0] = 0.0
+    choices: list[Tensor] = []
+    for q, c, opts in zip(sized, continuous, options):
+        best = torch.full_like(cost, infinity)
+        pick = torch.full((states + 1,), -1, dtype=torch.int64)
+        for index, b in enumerate(opts):
+            used = math.ceil(q.size * b / unit - 1e-9)
+            if used > states:
+                continue
+            shifted = torch.full_like(cost, infinity)
+            shifted[used:] = cost[: states + 1 - used] + q.size * (b - c) ** 2
+            better = shifted < best
+            best = torch.where(better, shifted, best)
+            pick = torch.where(better, torch.full_like(pick, index), pick)
+        cost = best
+        choices.append(pick)
+    if not torch.isfinite(cost).any():
+        # Even the lowest bits break the budget: give every layer its lowest bits.
+        return {id(q): opts[0] for q, opts in zip(sized, options)}
+    state = int(torch.argmin(cost))
+    bits: dict[int, int] = {}
+    for q, opts, pick in zip(reversed(sized), reversed(options), reversed(choices)):
+        index = int(pick[state])
+        b = opts[index]
+        bits[id(q)] = b
+        state -= math.ceil(q.size * b / unit - 1e-9)
     return bits

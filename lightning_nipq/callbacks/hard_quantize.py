@@ -115,19 +115,13 @@ class HardQuantize(Callback):
     def _validate(trainer: Trainer) -> dict[str, float]:
         # ``trainer.validate`` cannot run inside ``fit``; the fit loop's own validation loop
         # can, exactly as it runs after each epoch, and logs through the same loggers.
-        before = dict(trainer.callback_metrics)
         val_loop = trainer.fit_loop.epoch_loop.val_loop
         trainer.validating = True
         try:
-            val_loop.run()
+            outputs = val_loop.run()
         finally:
             trainer.training = True
-        after = trainer.callback_metrics
-        return {
-            k: float(v)
-            for k, v in after.items()
-            if (k not in before or not torch.equal(torch.as_tensor(before[k]), torch.as_tensor(v))) and torch.as_tensor(v).numel() == 1
-        }
+        return {k: float(v) for per_loader in outputs for k, v in per_loader.items() if torch.as_tensor(v).numel() == 1}
 
     def state_dict(self) -> dict[str, Any]:
         return {"converted": self.report is not None}

@@ -9,21 +9,23 @@ from typing import Any, Optional, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_nipq.attach import QuantizerConfig, attach_quantizers, quantized_layers, quantizers
-from lightning_nipq.bit_budget import BUDGETS, BitBudget, fit_bits_to_budget, weight_and_act_average_bits
+from lightning_nipq.bit_budget import BUDGETS, BitBudget, average_bits, fit_bits_to_budget, pair_average_bits
 from lightning_nipq.calibration import ActivationObserver
 from lightning_nipq.distillation import Distiller, frozen_copy
 from lightning_nipq.noise import NOISE_KINDS
-from lightning_nipq.quantizer import MIN_SIGNED_BITS
+from lightning_nipq.quantizer import MIN_SIGNED_BITS, NIPQQuantizer
 from lightning_nipq.quantizer_param_groups import split_quantizer_params
 from lightning_nipq.schedule import PhaseSchedule
 
 log = logging.getLogger(__name__)
 
 MAX_SUPPORTED_BITS = 16
+#: Learned bits further above the target than this when freezing get a warning.
+UNMET_BUDGET_WARNING = 0.5
 
 
 class NIPQCallback(Callback):
@@ -96,7 +98,7 @@ class NIPQCallback(Callback):
         hard_epochs: int = 1,
         anneal_epochs: int = 0,
         reg_weight: float = 1.0,
-        quantizer_lr_factor: float = 1.0,
+        quantizer_lr_factor: float = 10.0,
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         float_input_layers: Optional[Sequence[str]] = None,
@@ -162,6 +164,7 @@ class NIPQCallback(Callback):
         self._wrapped_module: Optional[LightningModule] = None
         self._last_bit_loss: Optional[Tensor] = None
         self._bit_loss_calls = 0
+        self._layers: list[Any] = []
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -181,6 +184,7 @@ class NIPQCallback(Callback):
                 f"NIPQ: quantizing {len(result.quantized)} layers (float input: {result.float_input})"
                 + (f"; left in float: {[n for n, _ in result.skipped]}" if result.skipped else "")
             )
+        self._layers = [layer for _, layer in quantized_layers(pl_module)]
         uncalibrated = [q for _, q in quantizers(pl_module) if not q.calibrated]
         if uncalibrated:
             self._observer = ActivationObserver(self.calibration_percentile)
@@ -256,7 +260,7 @@ class NIPQCallback(Callback):
         if phase == "hard" or self.reg_weight == 0:
             loss = torch.zeros((), device=pl_module.device)
         else:
-            loss = self.bit_budget.loss(pl_module) * self.reg_weight
+            loss = self.bit_budget.loss_of(self._pairs()) * self.reg_weight
         self._last_bit_loss = loss.detach()
         return loss
 
@@ -272,6 +276,9 @@ class NIPQCallback(Callback):
             total = total + kd
         return total
 
+    def _pairs(self) -> list[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]]:
+        return [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers]
+
     def _phase(self, pl_module: LightningModule) -> str:
         if self.schedule is None:
             return "noise"
@@ -285,9 +292,11 @@ class NIPQCallback(Callback):
         total = trainer.num_training_batches
         progress = batch_idx / total if isinstance(total, int) and total > 0 else 0.0
         share = self.schedule.hard_share(epoch, progress)
-        layers = [layer for _, layer in quantized_layers(pl_module)]
+        layers = self._layers
         hard_count = self.schedule.hard_layer_count(share, len(layers))
-        if self.schedule.phase(epoch) == "hard":
+        if self.schedule.phase(epoch) == "hard" and any(
+            q is not None and q.learns_bits and q.calibrated for pair in self._pairs() for q in pair
+        ):
             self.finalize_bits(pl_module)
         for index, layer in enumerate(layers):
             mode = "hard" if index < hard_count else "noise"
@@ -326,7 +335,7 @@ class NIPQCallback(Callback):
 
     def _log_bits(self, pl_module: LightningModule) -> None:
         with torch.no_grad():
-            avg_w, avg_a = weight_and_act_average_bits(pl_module)
+            avg_w, avg_a = pair_average_bits(self._pairs())
         if avg_w is not None:
             pl_module.log("nipq/avg_weight_bits", avg_w, prog_bar=True, on_step=True, on_epoch=False)
         if avg_a is not None:
@@ -338,13 +347,21 @@ class NIPQCallback(Callback):
     def finalize_bits(self, pl_module: LightningModule) -> None:
         """Freeze learned bits at whole values that meet the average-bit budget (idempotent)."""
         layers = [layer for _, layer in quantized_layers(pl_module)]
-        weights = [layer.weight_quantizer for layer in layers]
+        weights = [layer.weight_quantizer for layer in layers]  # walked afresh: works before setup too
         inputs = [layer.input_quantizer for layer in layers if layer.input_quantizer is not None]
         for group, target in ((weights, self.target_bits), (inputs, self.target_act_bits)):
             learning = [q for q in group if q.learns_bits and q.calibrated]
             if not learning:
                 continue
             if self.budget == "avg_bits":
+                with torch.no_grad():
+                    learned = average_bits(group)
+                if learned is not None and float(learned) > target + UNMET_BUDGET_WARNING:
+                    rank_zero_warn(
+                        f"NIPQ: the learned average bits ({float(learned):.2f}) are still {float(learned) - target:.2f} "
+                        f"above the target {target:g} when freezing; whole bits are cut to fit, which costs accuracy. "
+                        "Raise quantizer_lr_factor or reg_weight, or train longer before the hard phase."
+                    )
                 chosen = fit_bits_to_budget(group, target)
                 for q in learning:
                     q.freeze_bits(chosen.get(id(q), q.rounded_bits()))

@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"== 2. NIPQ to an average of {args.target_bits:g} bits: {nipq_epochs} epochs, last {args.hard_epochs} hard")
     qmodel = SmallCNN(width=model.hparams.width, lr=1e-3, epochs=nipq_epochs)
     qmodel.load_state_dict(model.state_dict())
-    nipq = NIPQCallback(target_bits=args.target_bits, hard_epochs=args.hard_epochs, quantizer_lr_factor=10.0)
+    nipq = NIPQCallback(target_bits=args.target_bits, hard_epochs=args.hard_epochs, quantizer_lr_factor=50.0)
     hard = HardQuantize(bn_batches=20, verbose=False)
     _trainer(nipq_epochs, [nipq, hard]).fit(qmodel, datamodule=dm)
 

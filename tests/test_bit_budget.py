@@ -1,0 +1,97 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_nipq import BitBudget, NIPQQuantizer, attach_quantizers, fit_bits_to_budget, quantizers
+from lightning_nipq.schedule import PhaseSchedule
+
+
+def _q(size, bits, learns=True):
+    q = NIPQQuantizer(min_bits=2, max_bits=8, init_bits=bits)
+    q.size = size
+    if not learns:
+        q.freeze_bits(round(bits))
+    return q
+
+
+def _mean(qs, bits):
+    return sum(bits[id(q)] * q.size for q in qs) / sum(q.size for q in qs)
+
+
+def test_fit_keeps_rounding_when_it_meets_the_budget():
+    qs = [_q(100, 2.8), _q(300, 3.2), _q(50, 4.4)]
+    bits = fit_bits_to_budget(qs, 3.5)
+    assert [bits[id(q)] for q in qs] == [3, 3, 4]
+
+
+def test_fit_meets_the_budget_exactly_and_optimally_where_greedy_rounding_fails():
+    # two large layers on 3 bits and two small ones above: only cutting the small ones meets 3.0
+    qs = [_q(288, 4.77), _q(18432, 3.004), _q(36864, 2.984), _q(640, 3.52)]
+    bits = fit_bits_to_budget(qs, 3.0)
+    assert _mean(qs, bits) <= 3.0 + 1e-12
+    # brute force over every assignment: the DP's cost is the optimum
+    cont = [float(q.continuous_bits()) for q in qs]
+    best = min(
+        sum(q.size * (b - c) ** 2 for q, b, c in zip(qs, combo, cont))
+        for combo in itertools.product(range(2, 9), repeat=4)
+        if sum(q.size * b for q, b in zip(qs, combo)) <= 3.0 * sum(q.size for q in qs)
+    )
+    got = sum(q.size * (bits[id(q)] - c) ** 2 for q, c in zip(qs, cont))
+    assert got == pytest.approx(best)
+
+
+def test_fit_respects_frozen_quantizers_and_coprime_sizes():
+    qs = [_q(997, 6.0, learns=False), _q(1009, 5.0), _q(1013, 5.0)]
+    bits = fit_bits_to_budget(qs, 4.0)
+    assert bits[id(qs[0])] == 6
+    assert _mean(qs, bits) <= 4.0 + 1e-12 and _mean(qs, bits) >= 3.5
+
+
+def test_avg_bits_loss_is_in_bits_and_two_sided():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    attach_quantizers(model)
+    for _, q in quantizers(model):
+        q.set_range(1.0, signed=False) if not q.calibrated else None
+        q.size = q.size or 10
+    budget = BitBudget(target_bits=5.0, target_act_bits=5.0)
+    for _, q in quantizers(model):
+        q.theta.data.fill_(q._theta_for(7.0))
+    high = budget.loss(model)
+    assert high.item() == pytest.approx(2 * (2.0 - 0.5))  # SmoothL1 of 2 bits, weights and inputs
+    high.backward()
+    assert all(q.theta.grad.item() > 0 for _, q in quantizers(model))  # gradient descent lowers bits
+    for _, q in quantizers(model):
+        q.theta.grad = None
+        q.theta.data.fill_(q._theta_for(3.0))
+    low = budget.loss(model)
+    low.backward()
+    assert all(q.theta.grad.item() < 0 for _, q in quantizers(model))  # and raises bits under target
+
+
+def test_bops_budget_gives_activation_bits_a_gradient():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    attach_quantizers(model)
+    model[2].input_quantizer.set_range(1.0, signed=False)
+    model(torch.randn(3, 4))  # records MACs
+    assert model[0].weight_quantizer.macs == 3 * 8 * 4 and model[2].weight_quantizer.macs == 3 * 2 * 8
+    loss = BitBudget(target_bits=3, budget="bops").loss(model)
+    loss.backward()
+    assert model[2].input_quantizer.theta.grad.item() > 0
+    assert model[0].weight_quantizer.theta.grad.item() > 0
+
+
+def test_unknown_budget_is_a_value_error():
+    with pytest.raises(ValueError, match="budget"):
+        BitBudget(3, budget="flops")
+
+
+def test_schedule_phases_and_hand_over():
+    s = PhaseSchedule(max_epochs=10, hard_epochs=2, anneal_epochs=3)
+    assert [s.phase(e) for e in range(10)] == ["noise"] * 5 + ["anneal"] * 3 + ["hard"] * 2
+    assert s.hard_share(4, 0.9) == 0.0 and s.hard_share(5, 0.0) == 0.0
+    assert s.hard_share(6, 0.5) == pytest.approx(0.5) and s.hard_share(8, 0.0) == 1.0
+    assert s.hard_layer_count(0.5, 7) == 3
+    with pytest.raises(ValueError, match="exceed max_epochs"):
+        PhaseSchedule(max_epochs=3, hard_epochs=2, anneal_epochs=2)
