@@ -151,21 +151,28 @@ def attach_quantizers(
             raise ValueError(f"float_input_layers {sorted(unknown)} are not among the quantized layers")
     result = AttachResult(skipped=skipped)
     for name, layer in targets:
-        init_alpha = float(layer.weight.detach().abs().max().clamp_min(1e-8))
-        wq = config.make(config.weight_bits, init_alpha=init_alpha, calibrated=True, signed=True)
-        wq.size = layer.weight.numel()
-        layer.__class__ = QUANTIZED_CLASS[type(layer)]
-        layer.weight_quantizer = wq.to(layer.weight.device)
+        attach_layer(layer, config, float_input=name in float_inputs)
         if name in float_inputs:
-            layer.input_quantizer = None
             result.float_input.append(name)
-        else:
-            layer.input_quantizer = config.make(config.act_bits, init_alpha=1.0, calibrated=False, signed=True).to(
-                layer.weight.device
-            )
         result.quantized.append(name)
     disable_transformer_fast_path(model)
     return result
+
+
+def attach_layer(layer: nn.Module, config: QuantizerConfig, float_input: bool = False) -> None:
+    """Quantize one plain ``nn.Linear``/``nn.Conv1d/2d/3d`` in place (see :func:`attach_quantizers`)."""
+    if type(layer) not in QUANTIZED_CLASS:
+        raise TypeError(f"{type(layer).__name__} is not a plain Linear/Conv1d/Conv2d/Conv3d layer")
+    init_alpha = float(layer.weight.detach().abs().max().clamp_min(1e-8))
+    weight_quantizer = config.make(config.weight_bits, init_alpha=init_alpha, calibrated=True, signed=True)
+    weight_quantizer.size = layer.weight.numel()
+    layer.__class__ = QUANTIZED_CLASS[type(layer)]
+    layer.weight_quantizer = weight_quantizer.to(layer.weight.device)
+    if float_input:
+        layer.input_quantizer = None
+    else:
+        input_quantizer = config.make(config.act_bits, init_alpha=1.0, calibrated=False, signed=True)
+        layer.input_quantizer = input_quantizer.to(layer.weight.device)
 
 
 def disable_transformer_fast_path(model: nn.Module) -> None:
@@ -199,9 +206,14 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, NIPQQuantizer]]:
             yield f"{name}.input_quantizer", layer.input_quantizer
 
 
+def detach_layer(layer: nn.Module) -> None:
+    """Undo :func:`attach_layer`: the layer becomes a plain float layer again."""
+    del layer.weight_quantizer
+    del layer.input_quantizer
+    layer.__class__ = FLOAT_CLASS[type(layer)]
+
+
 def detach_quantizers(model: nn.Module) -> None:
     """Undo :func:`attach_quantizers`: the layers become plain float layers again."""
     for _, layer in list(quantized_layers(model)):
-        del layer.weight_quantizer
-        del layer.input_quantizer
-        layer.__class__ = FLOAT_CLASS[type(layer)]
+        detach_layer(layer)

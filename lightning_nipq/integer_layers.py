@@ -178,3 +178,44 @@ def convert_layer_to_integer(layer: nn.Module) -> None:
 
 def is_integer(layer: nn.Module) -> bool:
     return isinstance(layer, IntegerLayerMixin)
+
+
+def integer_layer_from_codes(
+    layer: nn.Module,
+    weight_codes: Tensor,
+    weight_scale: Tensor,
+    input_alpha: Tensor,
+    weight_bits: int,
+    input_bits: Optional[int],
+    input_signed: bool,
+    input_numel: int,
+) -> nn.Module:
+    """Turn a plain float layer into its integer twin from stored codes and scales, in place.
+
+    The counterpart of :func:`convert_layer_to_integer` for loading a saved integer model:
+    ``layer`` is a fresh ``nn.Linear``/``nn.Conv1d/2d/3d`` whose float weight is replaced
+    by ``weight_codes`` (signed codes in ``[-n, n]``, ``n = 2**(weight_bits - 1) - 1``).
+    Everything is checked before the layer is touched.
+    """
+    float_type = type(layer)
+    if float_type not in INTEGER_CLASS:
+        raise TypeError(f"{float_type.__name__} is not a plain Linear/Conv1d/Conv2d/Conv3d layer")
+    weight = layer.weight
+    if tuple(weight_codes.shape) != tuple(weight.shape):
+        raise ValueError(f"weight codes of shape {tuple(weight_codes.shape)} do not fit a weight of shape {tuple(weight.shape)}")
+    if not 2 <= weight_bits <= 32:
+        raise ValueError(f"weight_bits must be in [2, 32], got {weight_bits}")
+    n = 2 ** (weight_bits - 1) - 1
+    if weight_codes.numel() and (int(weight_codes.min()) < -n or int(weight_codes.max()) > n):
+        raise ValueError(f"weight codes exceed +-{n}, the range of {weight_bits}-bit codes")
+    device = weight.device
+    del layer.weight
+    layer.__class__ = INTEGER_CLASS[float_type]
+    layer.register_buffer("weight_codes", weight_codes.to(device=device, dtype=code_dtype(weight_bits)))
+    layer.register_buffer("weight_scale", weight_scale.detach().to(device=device, dtype=torch.float32).reshape(()))
+    layer.register_buffer("input_alpha", input_alpha.detach().to(device=device, dtype=torch.float32).reshape(()))
+    layer.weight_bits = int(weight_bits)
+    layer.input_bits = None if input_bits is None else int(input_bits)
+    layer.input_signed = bool(input_signed)
+    layer.input_numel = int(input_numel)
+    return layer

@@ -95,6 +95,9 @@ class NIPQQuantizer(nn.Module):
         #: Multiply-accumulates of the layer whose weight this quantizes, for the BOPs budget.
         self.macs = 0
         self.observer: Optional[Any] = None
+        #: Random source of noise and stochastic bits (None: torch's global one). The callback
+        #: sets one whose state it checkpoints, so a resumed run draws the same noise.
+        self.generator: Optional[torch.Generator] = None
         if fixed_bits is not None:
             self.freeze_bits(fixed_bits)
 
@@ -130,7 +133,7 @@ class NIPQQuantizer(nn.Module):
         """Whole bits with a straight-through gradient to the continuous bits."""
         b = self.continuous_bits()
         if stochastic and self.frozen_bits is None:
-            b = b + (torch.rand((), device=b.device) - 0.5)
+            b = b + (torch.rand((), device=b.device, generator=self.generator) - 0.5)
         return torch.clamp(round_ste(b), self.lowest_bits, self.max_bits)
 
     def rounded_bits(self) -> int:
@@ -165,7 +168,7 @@ class NIPQQuantizer(nn.Module):
         # Rounding needs float32: in bf16 a 4-bit grid is already coarser than the data.
         x32 = x.float()
         if noisy:
-            noise = sample_noise(self.noise, x32, alpha.detach(), bits.detach(), self.signed)
+            noise = sample_noise(self.noise, x32, alpha.detach(), bits.detach(), self.signed, self.generator)
             out = noise_fake_quant(x32, alpha, bits, self.signed, noise)
         else:
             out = hard_fake_quant(x32, alpha, bits, self.signed)

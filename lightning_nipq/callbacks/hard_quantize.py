@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_nipq.callbacks.nipq import NIPQCallback
+from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
 from lightning_nipq.hard_quantize import InputFn, hard_quantize
 from lightning_nipq.report import QuantizationReport
 
@@ -73,6 +74,21 @@ class HardQuantize(Callback):
         self.run_validation = run_validation
         self.verbose = verbose
         self.report: Optional[QuantizationReport] = None
+        self._remove_load_hook: Optional[Callable[[], None]] = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # trainer.validate/test(ckpt_path=...) after conversion: the checkpoint may hold the
+        # fake-quantized model; rebuild its layers before Lightning loads the state dict.
+        self._remove_load_hook = install_load_hook(pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._remove_load_hook is not None:
+            self._remove_load_hook()
+            self._remove_load_hook = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if MANIFEST_KEY not in checkpoint:  # NIPQCallback, when present, writes a fuller one
+            checkpoint[MANIFEST_KEY] = quantization_manifest(pl_module, converted=self.report is not None)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for callback in trainer.callbacks:  # type: ignore[attr-defined]

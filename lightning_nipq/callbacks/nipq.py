@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_nipq.attach import QuantizerConfig, attach_quantizers, quantized_layers, quantizers
 from lightning_nipq.bit_budget import BUDGETS, BitBudget, average_bits, fit_bits_to_budget, pair_average_bits
 from lightning_nipq.calibration import ActivationObserver
+from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
 from lightning_nipq.distillation import Distiller, frozen_copy
 from lightning_nipq.noise import NOISE_KINDS
 from lightning_nipq.quantizer import MIN_SIGNED_BITS, NIPQQuantizer
@@ -165,9 +166,15 @@ class NIPQCallback(Callback):
         self._last_bit_loss: Optional[Tensor] = None
         self._bit_loss_calls = 0
         self._layers: list[Any] = []
+        self._generator: Optional[torch.Generator] = None
+        self._generator_state: Optional[Tensor] = None
+        self._remove_load_hook: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Any stage may restore a checkpoint (fit resuming, validate/test with ckpt_path):
+        # rebuild the layers it holds before Lightning loads its state dict.
+        self._remove_load_hook = install_load_hook(pl_module)
         if stage != "fit":
             return
         self.schedule = self._make_schedule(trainer)
@@ -185,11 +192,6 @@ class NIPQCallback(Callback):
                 + (f"; left in float: {[n for n, _ in result.skipped]}" if result.skipped else "")
             )
         self._layers = [layer for _, layer in quantized_layers(pl_module)]
-        uncalibrated = [q for _, q in quantizers(pl_module) if not q.calibrated]
-        if uncalibrated:
-            self._observer = ActivationObserver(self.calibration_percentile)
-            for q in uncalibrated:
-                self._observer.watch(q)
         if self._distiller is not None:
             self._distiller.attach(pl_module)
         if pl_module.automatic_optimization:
@@ -234,14 +236,41 @@ class NIPQCallback(Callback):
         self._wrapped_module = pl_module
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Model weights (and so calibration flags) are restored from ckpt_path before this
+        # hook; optimizer state is restored after it, onto the groups split here.
         params = [p for _, q in quantizers(pl_module) for p in q.parameters()]
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for line in split_quantizer_params(trainer.optimizers, params, self.quantizer_lr_factor, schedulers):
             log.info("NIPQ: %s", line)
         if self._distiller is not None:
             self._distiller.teacher.to(pl_module.device)
+        self._generator = self._make_generator(pl_module.device)
+        uncalibrated = []
+        for _, q in quantizers(pl_module):
+            q.generator = self._generator
+            if not q.calibrated:
+                uncalibrated.append(q)
+        self._observer = None
+        if uncalibrated:
+            self._observer = ActivationObserver(self.calibration_percentile)
+            for q in uncalibrated:
+                self._observer.watch(q)
+
+    def _make_generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(torch.initial_seed())
+        if self._generator_state is not None:
+            try:
+                generator.set_state(self._generator_state)
+            except (RuntimeError, ValueError):
+                rank_zero_warn("NIPQ: the checkpoint's noise generator state does not fit this device; reseeding it")
+            self._generator_state = None
+        return generator
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._remove_load_hook is not None:
+            self._remove_load_hook()
+            self._remove_load_hook = None
         if self._wrapped_module is not None and "training_step" in vars(self._wrapped_module):
             del self._wrapped_module.training_step
         self._wrapped_module = None
@@ -371,18 +400,31 @@ class NIPQCallback(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "target_bits": self.target_bits,
             "target_act_bits": self.target_act_bits,
             "budget": self.budget,
             "hard_epochs": self.hard_epochs,
             "anneal_epochs": self.anneal_epochs,
         }
+        if self._generator is not None:
+            state["generator_state"] = self._generator.get_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        changed = [k for k, v in state_dict.items() if getattr(self, k, v) != v]
+        settings = {k: v for k, v in state_dict.items() if k != "generator_state"}
+        changed = [k for k, v in settings.items() if getattr(self, k, v) != v]
         if changed:
-            rank_zero_info(f"NIPQ: resuming with changed settings {changed}; the new values are used")
+            rank_zero_warn(f"NIPQ: resuming with changed settings {changed}; the new values are used")
+        self._generator_state = state_dict.get("generator_state")
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[MANIFEST_KEY] = quantization_manifest(
+            pl_module,
+            phase=self._phase(pl_module),
+            epoch=trainer.current_epoch,
+            config={k: v for k, v in self.state_dict().items() if k != "generator_state"},
+        )
 
 
 def _check_bits(
