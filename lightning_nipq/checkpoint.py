@@ -13,6 +13,7 @@ manifest under ``checkpoint["nipq"]``, which is checked for its format version.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
@@ -190,7 +191,11 @@ def load_nipq_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, map_lo
     The model is built and its float weights loaded by Lightning; the quantization
     structure is then rebuilt from the checkpoint and every tensor loaded strictly.
     """
-    model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)  # type: ignore[attr-defined]
+    with warnings.catch_warnings():
+        # The quantizer keys are expected to be missing here; they are loaded strictly below.
+        warnings.filterwarnings("ignore", message=".*keys that are not in the model state dict.*")
+        warnings.filterwarnings("ignore", message=".*keys that are missing.*")
+        model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)  # type: ignore[attr-defined]
     checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=True)
     prepare_for_checkpoint(model, checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
