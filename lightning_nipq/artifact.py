@@ -31,7 +31,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.integer_layers import INTEGER_CLASS, IntegerLayerMixin, code_dtype, integer_layer_from_codes
+from lightning_nipq.integer_layers import (
+    INTEGER_CLASS,
+    IntegerLayerMixin,
+    code_dtype,
+    integer_layer_from_codes,
+    require_integer_model,
+)
 from lightning_nipq.layers import is_quantized, layer_kind
 
 FORMAT_NAME = "lightning-nipq-integer"
@@ -207,12 +213,8 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    fake = [name for name, m in model.named_modules() if is_quantized(m)]
-    if fake:
-        raise ArtifactError(f"{fake[:5]} still hold fake quantizers; call hard_quantize(model) before saving")
+    require_integer_model(model, "saving", ArtifactError)
     layers = _integer_layers(model)
-    if not layers:
-        raise ArtifactError(f"{type(model).__name__} has no integer layer; call hard_quantize(model) before saving")
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
     entries = []

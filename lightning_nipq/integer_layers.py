@@ -180,6 +180,17 @@ def is_integer(layer: nn.Module) -> bool:
     return isinstance(layer, IntegerLayerMixin)
 
 
+def require_integer_model(model: nn.Module, action: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` unless ``model`` holds integer layers and no fake quantizer (before ``action``)."""
+    from lightning_nipq.layers import is_quantized
+
+    fake = [name for name, m in model.named_modules() if is_quantized(m)]
+    if fake:
+        raise error(f"{fake[:5]} still hold fake quantizers; call hard_quantize(model) before {action}")
+    if not any(is_integer(m) for m in model.modules()):
+        raise error(f"{type(model).__name__} has no integer layer; call hard_quantize(model) before {action}")
+
+
 def integer_layer_from_codes(
     layer: nn.Module,
     weight_codes: Tensor,

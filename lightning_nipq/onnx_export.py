@@ -29,8 +29,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_nipq.hard_quantize import compare_outputs
-from lightning_nipq.integer_layers import IntegerConv1d, IntegerConv2d, IntegerConv3d, IntegerLayerMixin, IntegerLinear
-from lightning_nipq.layers import is_quantized
+from lightning_nipq.integer_layers import (
+    IntegerConv1d,
+    IntegerConv2d,
+    IntegerConv3d,
+    IntegerLayerMixin,
+    IntegerLinear,
+    require_integer_model,
+)
 
 #: The opset of models whose codes all fit 8 bits: the lowest the torch.export-based exporter
 #: writes (its own translation opset, so no version conversion), run by onnxruntime >= 1.14.
@@ -204,12 +210,8 @@ def _export_mode(model: nn.Module) -> Iterator[None]:
 
 def _check_exportable(model: nn.Module, opset: Optional[int]) -> int:
     """The opset to use, after checking that ``model`` is an integer model that it can hold."""
-    fake = [name for name, m in model.named_modules() if is_quantized(m)]
-    if fake:
-        raise ValueError(f"{fake[:5]} still hold fake quantizers; call hard_quantize(model) before exporting")
+    require_integer_model(model, "exporting")
     layers = _integer_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no integer layer; call hard_quantize(model) before exporting")
     unknown = [name for name, layer in layers if type(layer) not in _ONNX_CLASS]
     if unknown:
         raise ValueError(f"integer layers {unknown[:5]} are of a class the exporter does not know")
