@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_nipq.fake_quant import hard_fake_quant, noise_fake_quant, num_levels, round_ste
-from lightning_nipq.noise import NOISE_KINDS, sample_noise
+from lightning_nipq.noise import NOISE_KINDS, register_generator, sample_noise, sample_noise_compilable
 
 Mode = Literal["noise", "hard"]
 
@@ -27,6 +27,13 @@ def inverse_softplus(y: float) -> float:
     if y > 20.0:
         return y
     return math.log(math.expm1(y))
+
+
+@torch.compiler.disable
+def _observe(observer: Any, quantizer: "NIPQQuantizer", x: Tensor) -> None:
+    # Calibration keeps Python statistics; traced, every value would be a guard and a
+    # recompile. Under torch.compile it runs eagerly, at the cost of a graph break.
+    observer.observe(quantizer, x)
 
 
 class NIPQQuantizer(nn.Module):
@@ -88,16 +95,24 @@ class NIPQQuantizer(nn.Module):
         self.noise = noise
         self.stochastic_bits = stochastic_bits
         self.calibrated = calibrated
-        self.mode: Mode = "noise"
+        self.mode = "noise"
+        #: Set by the callback during the anneal phase. Compiled code then takes noise or hard
+        #: quantization from a tensor flag instead of specialising on ``mode``, so the layers
+        #: switching one by one cost one graph, not one recompile each.
+        self.blend_modes = False
         #: Elements quantized per forward (weights: the tensor; activations: one batch's input),
         #: the weight of this quantizer in the average bit-width.
         self.size = 0
         #: Multiply-accumulates of the layer whose weight this quantizes, for the BOPs budget.
         self.macs = 0
         self.observer: Optional[Any] = None
+        #: A list (set by the callback while it calibrates) makes compiled code keep the
+        #: inputs here instead of calling the observer, which would break the graph; the
+        #: callback hands them over after each step with :meth:`flush_observations`.
+        self.deferred_observations: Optional[list[Tensor]] = None
         #: Random source of noise and stochastic bits (None: torch's global one). The callback
         #: sets one whose state it checkpoints, so a resumed run draws the same noise.
-        self.generator: Optional[torch.Generator] = None
+        self.generator = None
         if fixed_bits is not None:
             self.freeze_bits(fixed_bits)
 
@@ -107,6 +122,46 @@ class NIPQQuantizer(nn.Module):
         share = (bits - self.min_bits) / (self.max_bits - self.min_bits)
         share = min(max(share, 1e-4), 1 - 1e-4)
         return math.log(share / (1 - share))
+
+    # ------------------------------------------------------------------ mode
+    @property
+    def mode(self) -> Mode:
+        """``"noise"`` (the NIPQ proxy) or ``"hard"`` (straight-through fake quantization) in training."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: Mode) -> None:
+        if mode not in ("noise", "hard"):
+            raise ValueError(f"mode must be 'noise' or 'hard', got {mode!r}")
+        device = self.alpha_raw.device
+        flag = self.__dict__.get("_hard_flag")
+        if flag is None or flag.device != device:
+            flag = self._hard_flag = torch.zeros((), device=device)
+        elif mode == self.__dict__.get("_mode"):
+            return  # the callback sets the mode every batch; write the flag only when it changes
+        self._mode = mode
+        flag.fill_(1.0 if mode == "hard" else 0.0)
+
+    # ------------------------------------------------------------------ randomness
+    @property
+    def generator(self) -> Optional[torch.Generator]:
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator: Optional[torch.Generator]) -> None:
+        self._generator = generator
+        # Compiled code cannot hold the generator itself; it names it by this key (see noise.py).
+        self._noise_key, self._noise_order = register_generator(generator)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A deep copy or unpickled copy has its own generator: register that one.
+        super().__setstate__(state)
+        self.generator = self.__dict__.get("_generator")
+
+    def _noise(self, kind: str, x: Tensor, alpha: Tensor, bits: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return sample_noise_compilable(kind, x, alpha, bits, self.signed, self._noise_key, self._noise_order)
+        return sample_noise(kind, x, alpha, bits, self.signed, self.generator)
 
     # ------------------------------------------------------------------ bits and range
     @property
@@ -133,7 +188,7 @@ class NIPQQuantizer(nn.Module):
         """Whole bits with a straight-through gradient to the continuous bits."""
         b = self.continuous_bits()
         if stochastic and self.frozen_bits is None:
-            b = b + (torch.rand((), device=b.device, generator=self.generator) - 0.5)
+            b = b + self._noise("uniform", b, b, b).to(b.dtype)
         return torch.clamp(round_ste(b), self.lowest_bits, self.max_bits)
 
     def rounded_bits(self) -> int:
@@ -158,21 +213,47 @@ class NIPQQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.calibrated:
             if self.training and self.observer is not None:
-                self.observer.observe(self, x)
+                if self.deferred_observations is not None and torch.compiler.is_compiling():
+                    # A graph break here would outlive calibration: Dynamo keeps the split
+                    # graph for as long as the guards before the break hold.
+                    self.deferred_observations.append(x.detach())
+                else:
+                    _observe(self.observer, self, x)
             # Zero-weighted use of the parameters keeps DDP's reducer satisfied while the
             # range is still being measured.
             return x + (self.alpha_raw + self.theta).to(x.dtype) * 0.0
-        noisy = self.training and self.mode == "noise"
-        bits = self.bits(stochastic=noisy and self.stochastic_bits)
         alpha = self.alpha
         # Rounding needs float32: in bf16 a 4-bit grid is already coarser than the data.
         x32 = x.float()
+        if self.training and self.blend_modes and torch.compiler.is_compiling():
+            return self._blended(x32, alpha).to(x.dtype)
+        noisy = self.training and self.mode == "noise"
+        bits = self.bits(stochastic=noisy and self.stochastic_bits)
         if noisy:
-            noise = sample_noise(self.noise, x32, alpha.detach(), bits.detach(), self.signed, self.generator)
+            noise = self._noise(self.noise, x32, alpha.detach(), bits.detach())
             out = noise_fake_quant(x32, alpha, bits, self.signed, noise)
         else:
             out = hard_fake_quant(x32, alpha, bits, self.signed)
         return out.to(x.dtype)
+
+    def _blended(self, x32: Tensor, alpha: Tensor) -> Tensor:
+        # Both paths, selected by the flag: gradients reach only the selected one. Noise is
+        # drawn for hard layers too, so compiled anneal steps draw more than eager ones.
+        noisy_bits = self.bits(stochastic=self.stochastic_bits)
+        noise = self._noise(self.noise, x32, alpha.detach(), noisy_bits.detach())
+        noisy = noise_fake_quant(x32, alpha, noisy_bits, self.signed, noise)
+        hard = hard_fake_quant(x32, alpha, self.bits(), self.signed)
+        return torch.where(self._hard_flag > 0, hard, noisy)
+
+    def flush_observations(self) -> None:
+        """Give the observer the inputs that compiled code deferred (see ``deferred_observations``)."""
+        if not self.deferred_observations:
+            return
+        pending = list(self.deferred_observations)
+        self.deferred_observations.clear()  # in place: the compiled code holds this list
+        if self.observer is not None:
+            for x in pending:
+                self.observer.observe(self, x)
 
     def step_size(self) -> Tensor:
         """``alpha / n`` at the current rounded bits."""

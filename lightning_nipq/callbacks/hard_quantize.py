@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
-from lightning_nipq.callbacks.nipq import NIPQCallback
+from lightning_nipq.callbacks.nipq import NIPQCallback, check_strategy, spawns_processes
 from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
-from lightning_nipq.hard_quantize import InputFn, hard_quantize
+from lightning_nipq.hard_quantize import (
+    InputFn,
+    check_agreement,
+    freeze_quantizers,
+    hard_quantize,
+    recalibrate_batchnorm,
+)
 from lightning_nipq.report import QuantizationReport
 
 
@@ -77,6 +86,14 @@ class HardQuantize(Callback):
         self._remove_load_hook: Optional[Callable[[], None]] = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, "HardQuantize")
+        if stage == "fit" and spawns_processes(trainer.strategy):
+            raise ValueError(
+                "HardQuantize cannot hand the integer model back from a spawning strategy (ddp_spawn, ddp_fork, "
+                "ddp_notebook): Lightning copies only the float tensors that fit your model back to this process. "
+                "Use strategy='ddp', or convert afterwards with lightning_nipq.hard_quantize on a model loaded with "
+                "load_nipq_checkpoint."
+            )
         # trainer.validate/test(ckpt_path=...) after conversion: the checkpoint may hold the
         # fake-quantized model; rebuild its layers before Lightning loads the state dict.
         self._remove_load_hook = install_load_hook(pl_module)
@@ -94,16 +111,21 @@ class HardQuantize(Callback):
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, NIPQCallback):
                 callback.finalize_bits(pl_module)
-        bn = self._batches(trainer, trainer.train_dataloader, self.bn_batches) if self.bn_batches else None
+        if self.bn_batches:
+            freeze_quantizers(pl_module)
+            bn = self._batches(trainer, trainer.train_dataloader, self.bn_batches)
+            recalibrate_batchnorm(pl_module, bn, self.input_fn)
+            # Under DDP each process saw its own batches: average the statistics so that every
+            # process converts the same model (that of one process seeing all the batches).
+            _average_batchnorm_statistics(trainer, pl_module)
         compare = self._batches(trainer, self._compare_loader(trainer), self.compare_batches)
+        # The tolerances are checked below on figures combined over all processes, so that
+        # every process raises or none does.
         self.report = hard_quantize(
-            pl_module,
-            bn_batches=bn,
-            compare_batches=compare,
-            input_fn=self.input_fn,
-            min_agreement=self.min_agreement,
-            max_rel_diff=self.max_rel_diff,
+            pl_module, compare_batches=compare, input_fn=self.input_fn, min_agreement=0.0, max_rel_diff=math.inf
         )
+        _combine_agreement(trainer, self.report)
+        check_agreement(self.report, self.min_agreement, self.max_rel_diff)
         if self.run_validation and self._has_validation(trainer):
             self.report.integer_metrics = self._validate(trainer)
         if self.verbose:
@@ -141,3 +163,49 @@ class HardQuantize(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"converted": self.report is not None}
+
+
+def _average_batchnorm_statistics(trainer: Trainer, model: nn.Module) -> None:
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None
+    ]
+    if not norms or trainer.world_size <= 1:
+        return
+    strategy = trainer.strategy
+    stats = [t for m in norms for t in (m.running_mean, m.running_var)]
+    flat = torch.cat([t.detach().reshape(-1).double() for t in stats]).to(strategy.root_device)
+    flat = strategy.reduce(flat, reduce_op="mean")
+    offset = 0
+    for t in stats:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    tracked = [m.num_batches_tracked for m in norms if m.num_batches_tracked is not None]
+    if tracked:
+        counts = strategy.reduce(torch.stack([t.detach() for t in tracked]).to(strategy.root_device), reduce_op="sum")
+        for t, count in zip(tracked, counts):
+            t.copy_(count)
+
+
+def _combine_agreement(trainer: Trainer, report: QuantizationReport) -> None:
+    """Worst agreement and largest differences over all processes, and the batches compared by all."""
+    if trainer.world_size <= 1:
+        return
+    # Every process takes part, compared or not, so the collective never waits on one that skipped.
+    missing = -math.inf  # neutral for a maximum
+    values = [
+        missing if report.agreement is None else -report.agreement,
+        missing if report.max_abs_diff is None else report.max_abs_diff,
+        missing if report.max_rel_diff is None else report.max_rel_diff,
+        float(report.compared_batches),
+    ]
+    strategy = trainer.strategy
+    as_tensor = functools.partial(torch.tensor, dtype=torch.float64, device=strategy.root_device)
+    worst = strategy.reduce(as_tensor(values[:3]), reduce_op="max")
+    batches = strategy.reduce(as_tensor(values[3:]), reduce_op="sum")
+    negative_agreement, max_abs, max_rel = (float(v) for v in worst)
+    report.agreement = None if negative_agreement == missing else -negative_agreement
+    report.max_abs_diff = None if max_abs == missing else max_abs
+    report.max_rel_diff = None if max_rel == missing else max_rel
+    report.compared_batches = int(batches[0])

@@ -9,6 +9,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.strategies.xla import XLAStrategy
+from lightning.pytorch.strategies.single_xla import SingleDeviceXLAStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -25,6 +36,14 @@ from lightning_nipq.schedule import PhaseSchedule
 log = logging.getLogger(__name__)
 
 MAX_SUPPORTED_BITS = 16
+SUPPORTED_STRATEGIES = (
+    "a single device, or DDP: strategy='ddp' (or 'ddp_spawn', 'ddp_fork', 'ddp_notebook', "
+    "'ddp_find_unused_parameters_true', DDPStrategy(...))"
+)
+#: Strategies that shard or re-wrap parameters. Matched by class and, so that DeepSpeed is
+#: recognised without importing it, by class name.
+SHARDED_STRATEGIES: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+SHARDED_STRATEGY_NAMES = ("FSDP", "DeepSpeed", "ModelParallel")
 #: Learned bits further above the target than this when freezing get a warning.
 UNMET_BUDGET_WARNING = 0.5
 
@@ -166,17 +185,28 @@ class NIPQCallback(Callback):
         self._last_bit_loss: Optional[Tensor] = None
         self._bit_loss_calls = 0
         self._layers: list[Any] = []
+        self._calibrating: list[NIPQQuantizer] = []
         self._generator: Optional[torch.Generator] = None
         self._generator_state: Optional[Tensor] = None
         self._remove_load_hook: Optional[Callable[[], None]] = None
+        self._training_step_wrapper: Optional[Callable[..., Any]] = None
+        self._replaced_training_step: Optional[Callable[..., Any]] = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, "NIPQCallback")
         # Any stage may restore a checkpoint (fit resuming, validate/test with ckpt_path):
         # rebuild the layers it holds before Lightning loads its state dict.
         self._remove_load_hook = install_load_hook(pl_module)
         if stage != "fit":
             return
+        if spawns_processes(trainer.strategy):
+            rank_zero_warn(
+                "NIPQ: with a spawning strategy (ddp_spawn, ddp_fork, ddp_notebook) the model is quantized in the "
+                "worker processes; Lightning copies back only the float tensors that fit your model, so the model in "
+                "this process is not quantized after fit. Load the quantized model from a checkpoint "
+                "(load_nipq_checkpoint) or use strategy='ddp'."
+            )
         self.schedule = self._make_schedule(trainer)
         if not any(True for _ in quantized_layers(pl_module)):
             if self.distillation:
@@ -214,6 +244,9 @@ class NIPQCallback(Callback):
         if self._wrapped_module is pl_module:
             return
         original = pl_module.training_step
+        # An instance attribute may already be there: Lightning puts the compiled
+        # training_step there for trainer.fit(torch.compile(model)). Teardown restores it.
+        self._replaced_training_step = vars(pl_module).get("training_step")
 
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
@@ -234,6 +267,7 @@ class NIPQCallback(Callback):
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
         self._wrapped_module = pl_module
+        self._training_step_wrapper = training_step
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Model weights (and so calibration flags) are restored from ckpt_path before this
@@ -251,10 +285,12 @@ class NIPQCallback(Callback):
             if not q.calibrated:
                 uncalibrated.append(q)
         self._observer = None
+        self._calibrating = uncalibrated
         if uncalibrated:
             self._observer = ActivationObserver(self.calibration_percentile)
             for q in uncalibrated:
                 self._observer.watch(q)
+                q.deferred_observations = []
 
     def _make_generator(self, device: torch.device) -> torch.Generator:
         generator = torch.Generator(device=device)
@@ -271,9 +307,13 @@ class NIPQCallback(Callback):
         if self._remove_load_hook is not None:
             self._remove_load_hook()
             self._remove_load_hook = None
-        if self._wrapped_module is not None and "training_step" in vars(self._wrapped_module):
-            del self._wrapped_module.training_step
-        self._wrapped_module = None
+        module = self._wrapped_module
+        if module is not None and vars(module).get("training_step") is self._training_step_wrapper:
+            if self._replaced_training_step is None:
+                del module.training_step
+            else:
+                module.training_step = self._replaced_training_step  # type: ignore[method-assign]
+        self._wrapped_module = self._training_step_wrapper = self._replaced_training_step = None
         if self._distiller is not None:
             self._distiller.detach()
 
@@ -327,15 +367,19 @@ class NIPQCallback(Callback):
             q is not None and q.learns_bits and q.calibrated for pair in self._pairs() for q in pair
         ):
             self.finalize_bits(pl_module)
+        blend = self.schedule.phase(epoch) == "anneal"
         for index, layer in enumerate(layers):
             mode = "hard" if index < hard_count else "noise"
-            layer.weight_quantizer.mode = mode
-            if layer.input_quantizer is not None:
-                layer.input_quantizer.mode = mode
+            for q in (layer.weight_quantizer, layer.input_quantizer):
+                if q is not None:
+                    q.mode = mode
+                    q.blend_modes = blend
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        for q in self._calibrating:
+            q.flush_observations()
         if self._observer is not None and self._observer.batches_seen >= self.calibration_batches:
             self._finish_calibration(trainer)
         if not pl_module.automatic_optimization and self._bit_loss_calls == 0 and self._phase(pl_module) != "hard":
@@ -347,10 +391,15 @@ class NIPQCallback(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # An epoch shorter than calibration_batches still ends calibration.
+        for q in self._calibrating:
+            q.flush_observations()
         if self._observer is not None and self._observer.batches_seen > 0:
             self._finish_calibration(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Walked afresh: a HardQuantize listed before this callback has converted the layers already.
+        for _, q in quantizers(pl_module):
+            q.blend_modes = False
         self.finalize_bits(pl_module)
 
     def _finish_calibration(self, trainer: Trainer) -> None:
@@ -361,6 +410,9 @@ class NIPQCallback(Callback):
             reduce_min=lambda t: -strategy.reduce(-t.to(strategy.root_device), reduce_op="max").cpu(),
         )
         self._observer = None
+        for q in self._calibrating:
+            q.deferred_observations = None
+        self._calibrating = []
 
     def _log_bits(self, pl_module: LightningModule) -> None:
         with torch.no_grad():
@@ -460,6 +512,33 @@ def _check_bits(
             )
     if init_bits is not None and not min_bits <= init_bits <= max_bits:
         raise ValueError(f"init_bits={init_bits} is outside [min_bits={min_bits}, max_bits={max_bits}]")
+
+
+def check_strategy(strategy: Strategy, who: str) -> None:
+    """Refuse strategies that shard parameters; warn about those this package is not tested with.
+
+    Raises:
+        ValueError: for FSDP, DeepSpeed and model-parallel strategies.
+    """
+    name = type(strategy).__name__
+    class_names = [cls.__name__ for cls in type(strategy).__mro__]
+    if isinstance(strategy, SHARDED_STRATEGIES) or any(
+        part in cls_name for cls_name in class_names for part in SHARDED_STRATEGY_NAMES
+    ):
+        raise ValueError(
+            f"{who} does not support {name}: it shards or re-wraps the parameters, while the quantizers take their "
+            "ranges from whole weights, the bit budget reads every quantizer on every process, and the integer "
+            f"conversion needs whole weights. Supported: {SUPPORTED_STRATEGIES}."
+        )
+    if isinstance(strategy, (XLAStrategy, SingleDeviceXLAStrategy)) or not isinstance(
+        strategy, (SingleDeviceStrategy, DDPStrategy)
+    ):
+        rank_zero_warn(f"{who} is not tested with {name}; it is tested with {SUPPORTED_STRATEGIES}")
+
+
+def spawns_processes(strategy: Strategy) -> bool:
+    """Whether the strategy runs fit in worker processes and copies results back (ddp_spawn and the like)."""
+    return isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def bit_loss(pl_module: LightningModule) -> Tensor:
