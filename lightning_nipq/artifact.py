@@ -1,10 +1,10 @@
 """The integer model as one safetensors file: bit-packed codes, exact scales, and a manifest.
 
-Layout of the file written by :func:`save_quantized`:
+Layout of the file written by `save_quantized`:
 
 * ``<layer>.weight_codes.packed``: the weight codes of each integer layer, offset to
   unsigned (``code + n``, ``n = 2**(bits - 1) - 1``) and bit-packed at their true width
-  into a ``uint8`` tensor of ``ceil(bits * numel / 8)`` bytes; see :func:`pack_codes`.
+  into a ``uint8`` tensor of ``ceil(bits * numel / 8)`` bytes; see `pack_codes`.
 * every other tensor of the state dict (biases, BatchNorm parameters and buffers, layers
   left in float) under its state-dict key, unchanged.
 * the header metadata key ``"lightning_nipq"``: a JSON manifest with the format name and
@@ -128,7 +128,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: ``numel`` signed codes, flat, in :func:`code_dtype`."""
+    """Inverse of `pack_codes`: ``numel`` signed codes, flat, in `code_dtype`."""
     _check_bits(bits)
     n = 2 ** (bits - 1) - 1
     expected = packed_size(numel, bits)
@@ -205,7 +205,7 @@ def _checksum(manifest: dict[str, Any], tensors: dict[str, Tensor]) -> str:
 
 
 def save_quantized(model: nn.Module, path: PathLike) -> Path:
-    """Write the integer ``model`` (after :func:`lightning_nipq.hard_quantize`) to one safetensors file.
+    """Write the integer ``model`` (after `lightning_nipq.hard_quantize`) to one safetensors file.
 
     The file is written to a temporary file beside ``path`` and renamed over it, so a
     crash never leaves a half-written artifact under the final name. Returns the path.
@@ -379,7 +379,7 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
 
 
 def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
-    """Load an artifact written by :func:`save_quantized` into a fresh float instance, in place.
+    """Load an artifact written by `save_quantized` into a fresh float instance, in place.
 
     ``model`` must be the same architecture built afresh (plain ``nn.Linear``/``nn.Conv``
     layers, no quantizers). Its quantized layers become integer layers holding the stored

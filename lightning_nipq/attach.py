@@ -42,7 +42,7 @@ class QuantizerConfig:
 
 @dataclass
 class AttachResult:
-    """What :func:`attach_quantizers` did: the quantized layers and everything it left alone, with why."""
+    """What `attach_quantizers` did: the quantized layers and everything it left alone, with why."""
 
     quantized: list[str] = field(default_factory=list)
     float_input: list[str] = field(default_factory=list)
@@ -126,7 +126,7 @@ def attach_quantizers(
     """Quantize the weight and input of every supported layer of ``model``, in place.
 
     Weights start with ``alpha = max|W|``. Input quantizers start uncalibrated: they pass
-    their input through until :func:`lightning_nipq.calibration.calibrate_activations`
+    their input through until `lightning_nipq.calibration.calibrate_activations`
     (or ``NIPQQuantizer.set_range``) gives them a range and a sign.
 
     ``float_input_layers`` names the layers whose input stays float; by default the first
@@ -160,7 +160,7 @@ def attach_quantizers(
 
 
 def attach_layer(layer: nn.Module, config: QuantizerConfig, float_input: bool = False) -> None:
-    """Quantize one plain ``nn.Linear``/``nn.Conv1d/2d/3d`` in place (see :func:`attach_quantizers`)."""
+    """Quantize one plain ``nn.Linear``/``nn.Conv1d/2d/3d`` in place (see `attach_quantizers`)."""
     if type(layer) not in QUANTIZED_CLASS:
         raise TypeError(f"{type(layer).__name__} is not a plain Linear/Conv1d/Conv2d/Conv3d layer")
     init_alpha = float(layer.weight.detach().abs().max().clamp_min(1e-8))
@@ -207,13 +207,13 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, NIPQQuantizer]]:
 
 
 def detach_layer(layer: nn.Module) -> None:
-    """Undo :func:`attach_layer`: the layer becomes a plain float layer again."""
+    """Undo `attach_layer`: the layer becomes a plain float layer again."""
     del layer.weight_quantizer
     del layer.input_quantizer
     layer.__class__ = FLOAT_CLASS[type(layer)]
 
 
 def detach_quantizers(model: nn.Module) -> None:
-    """Undo :func:`attach_quantizers`: the layers become plain float layers again."""
+    """Undo `attach_quantizers`: the layers become plain float layers again."""
     for _, layer in list(quantized_layers(model)):
         detach_layer(layer)

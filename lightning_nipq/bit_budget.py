@@ -55,7 +55,7 @@ def weight_and_act_average_bits(model: nn.Module) -> tuple[Optional[Tensor], Opt
 def pair_average_bits(
     pairs: Sequence[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]],
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """As :func:`weight_and_act_average_bits`, for ``(weight quantizer, input quantizer)`` pairs."""
+    """As `weight_and_act_average_bits`, for ``(weight quantizer, input quantizer)`` pairs."""
     weights = [w for w, _ in pairs]
     inputs = [a for _, a in pairs if a is not None and a.calibrated]
     return average_bits(weights), average_bits(inputs)
@@ -115,7 +115,7 @@ class BitBudget:
         return F.smooth_l1_loss(mean, torch.full_like(mean, target))
 
 
-#: Budget resolution of :func:`fit_bits_to_budget`: the DP tracks at most this many states.
+#: Budget resolution of `fit_bits_to_budget`: the DP tracks at most this many states.
 MAX_BUDGET_STATES = 1 << 18
 
 

@@ -1,8 +1,8 @@
 """Activation calibration: the range and sign of each input quantizer from real batches.
 
 While a quantizer is uncalibrated it passes its input through and an
-:class:`ActivationObserver` records, per batch, the ``percentile`` of ``|x|`` and the
-minimum. :meth:`ActivationObserver.finish` turns those into ``alpha`` (the mean of the
+`ActivationObserver` records, per batch, the ``percentile`` of ``|x|`` and the
+minimum. `ActivationObserver.finish` turns those into ``alpha`` (the mean of the
 per-batch percentiles) and the sign (signed if any observed value was negative).
 """
 

@@ -4,7 +4,7 @@ A state dict already says which layers are quantized and how: a layer ``X`` with
 ``X.weight_quantizer.theta`` is fake-quantized, one with ``X.input_quantizer.theta`` also
 quantizes its input, and one with ``X.weight_codes`` is an integer layer. The full
 quantizer state (sign, frozen bits, bit range, sizes) travels in ``_extra_state``. So
-:func:`prepare_for_state_dict` can give a fresh float model, or one in another state
+`prepare_for_state_dict` can give a fresh float model, or one in another state
 (say, converted to integers after training), exactly the structure the state dict
 needs. ``load_state_dict`` then fills it. Lightning checkpoints also carry a readable
 manifest under ``checkpoint["nipq"]``, which is checked for its format version.
@@ -162,7 +162,7 @@ def check_manifest(checkpoint: Mapping[str, Any]) -> None:
 
 
 def prepare_for_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """:func:`prepare_for_state_dict` for a Lightning checkpoint dictionary."""
+    """`prepare_for_state_dict` for a Lightning checkpoint dictionary."""
     check_manifest(checkpoint)
     prepare_for_state_dict(model, checkpoint["state_dict"])
 
@@ -172,12 +172,14 @@ class NIPQCheckpointMixin:
 
     With it, ``MyModel.load_from_checkpoint(path)`` and
     ``trainer.validate(model, ckpt_path=...)`` rebuild the quantized (or integer) layers the
-    checkpoint holds before the weights are loaded::
+    checkpoint holds before the weights are loaded:
 
+        ```python
         class MyModel(NIPQCheckpointMixin, LightningModule):
             ...
 
         model = MyModel.load_from_checkpoint("epoch=9.ckpt")
+        ```
     """
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -186,7 +188,7 @@ class NIPQCheckpointMixin:
 
 
 def load_nipq_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> ModuleT:
-    """``cls.load_from_checkpoint`` for a LightningModule class without :class:`NIPQCheckpointMixin`.
+    """``cls.load_from_checkpoint`` for a LightningModule class without `NIPQCheckpointMixin`.
 
     The model is built and its float weights loaded by Lightning; the quantization
     structure is then rebuilt from the checkpoint and every tensor loaded strictly.

@@ -51,7 +51,7 @@ class Distiller:
     """Runs the teacher on every training forward of the student and keeps the loss.
 
     A forward hook on the student sees the exact ``args``/``kwargs`` of each call, so any
-    ``forward`` signature works. :meth:`pop` returns the sum of the losses since the last call.
+    ``forward`` signature works. `pop` returns the sum of the losses since the last call.
     """
 
     def __init__(self, teacher: nn.Module, weight: float = 1.0, temperature: float = 1.0) -> None:

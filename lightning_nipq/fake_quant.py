@@ -2,7 +2,7 @@
 
 Every function takes ``alpha`` (the truncation, > 0) and ``bits`` as tensors so that
 gradients reach both. ``bits`` may be integer-valued (the usual case: the caller rounds
-with :func:`round_ste`) or continuous (the gradient checks use that).
+with `round_ste`) or continuous (the gradient checks use that).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def hard_fake_quant(x: Tensor, alpha: Tensor, bits: Tensor, signed: bool) -> Ten
 def noise_fake_quant(x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, noise: Tensor) -> Tensor:
     """The NIPQ noise proxy: clip to the range, then add ``noise * step`` inside it.
 
-    ``noise`` holds samples in ``[-0.5, 0.5]`` (see :mod:`lightning_nipq.noise`) and is
+    ``noise`` holds samples in ``[-0.5, 0.5]`` (see `lightning_nipq.noise`) and is
     treated as a constant. Gradients: to ``x`` 1 inside, 0 where clipped (no
     straight-through estimate is needed because nothing is rounded); to ``alpha`` ``+-1``
     where clipped and ``noise / n`` inside; to ``bits`` through the step ``alpha / n(bits)``,

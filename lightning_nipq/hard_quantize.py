@@ -1,7 +1,7 @@
 """Freezing a fake-quantized model, converting it to integer layers, and checking the result.
 
-Plain torch: :func:`hard_quantize` works on any model prepared with
-:func:`lightning_nipq.attach_quantizers`, trained with Lightning or not.
+Plain torch: `hard_quantize` works on any model prepared with
+`lightning_nipq.attach_quantizers`, trained with Lightning or not.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 from lightning_nipq.attach import quantized_layers, quantizers
 from lightning_nipq.distillation import first_tensor
@@ -103,8 +104,18 @@ def convert_to_integer(model: nn.Module) -> QuantizationReport:
         )
     freeze_quantizers(model)
     for _, layer in layers:
+        _make_pruning_permanent(layer)
         convert_layer_to_integer(layer)
     return integer_model_report(model)
+
+
+def _make_pruning_permanent(layer: nn.Module) -> None:
+    # torch.nn.utils.prune (and Lightning's ModelPruning) recompute ``layer.weight`` from
+    # ``weight_orig * weight_mask`` in a forward pre-hook; the integer layer holds codes of
+    # the pruned weight instead, so the reparametrisation is folded in first.
+    for hook in list(layer._forward_pre_hooks.values()):
+        if isinstance(hook, prune.BasePruningMethod):
+            prune.remove(layer, hook._tensor_name)
 
 
 def _outputs(model: nn.Module, batches: list[Any], input_fn: Optional[InputFn]) -> list[Tensor]:

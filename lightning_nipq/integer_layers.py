@@ -203,7 +203,7 @@ def integer_layer_from_codes(
 ) -> nn.Module:
     """Turn a plain float layer into its integer twin from stored codes and scales, in place.
 
-    The counterpart of :func:`convert_layer_to_integer` for loading a saved integer model:
+    The counterpart of `convert_layer_to_integer` for loading a saved integer model:
     ``layer`` is a fresh ``nn.Linear``/``nn.Conv1d/2d/3d`` whose float weight is replaced
     by ``weight_codes`` (signed codes in ``[-n, n]``, ``n = 2**(weight_bits - 1) - 1``).
     Everything is checked before the layer is touched.

@@ -56,15 +56,17 @@ def per_layer_metrics(named_layers: Iterable[tuple[str, nn.Module]]) -> dict[str
     when the layer quantizes its input and that quantizer is calibrated (before calibration
     its range is a placeholder). Layers that are not fake-quantized are skipped, so
     ``named_layers`` may be ``model.named_modules()`` as well as
-    :func:`lightning_nipq.attach.quantized_layers`.
+    `lightning_nipq.attach.quantized_layers`.
 
     The values are scalar tensors on the quantizer's device, never ``.item()``-ed: pass them to
     ``LightningModule.log_dict`` and Lightning moves them to the host only when it writes logs.
 
-    Example::
+    Example:
 
+        ```python
         if is_logging_step(trainer):  # Lightning would drop the values on other steps
             pl_module.log_dict(per_layer_metrics(quantized_layers(pl_module)), on_step=True, on_epoch=False)
+        ```
     """
     out: dict[str, Tensor] = {}
     for name, layer in named_layers:
@@ -89,7 +91,7 @@ def is_logging_step(trainer: Any) -> bool:
 
     Lightning drops step values logged on other steps, yet ``LightningModule.log`` costs
     about a third of a millisecond per name, which for a few hundred per-layer names can
-    outweigh the training step; call :func:`per_layer_metrics` only when this is true. It asks the
+    outweigh the training step; call `per_layer_metrics` only when this is true. It asks the
     trainer's logger connector, as Lightning's own ``LearningRateMonitor`` does, and is
     valid from ``on_train_batch_start`` to ``on_train_batch_end``.
     """

@@ -111,7 +111,7 @@ else:  # older torch: the draw stays a graph break
 def sample_noise_compilable(
     kind: str, x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, generator_key: int, order: Tensor
 ) -> Tensor:
-    """:func:`sample_noise` for code under ``torch.compile``, from the generator registered as ``generator_key``.
+    """`sample_noise` for code under ``torch.compile``, from the generator registered as ``generator_key``.
 
     ``x``, ``alpha`` and ``bits`` are only read (their gradients are not needed), so they
     are detached before they reach the opaque op.

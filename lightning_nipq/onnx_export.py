@@ -1,9 +1,11 @@
 """Exporting an integer model to a standard ONNX graph with QuantizeLinear/DequantizeLinear.
 
-Each integer layer becomes, in the graph::
+Each integer layer becomes, in the graph:
 
-    input -> Clip(lo, alpha) -> QuantizeLinear(alpha / n, 0) -> DequantizeLinear -+
-    weight codes (int8 initializer) -> DequantizeLinear(weight scale, 0) -------+-> Conv / Gemm / MatMul (+ bias)
+```text
+input -> Clip(lo, alpha) -> QuantizeLinear(alpha / n, 0) -> DequantizeLinear -+
+weight codes (int8 initializer) -> DequantizeLinear(weight scale, 0) -------+-> Conv / Gemm / MatMul (+ bias)
+```
 
 The Clip bounds the input to the learned range ``[-alpha, alpha]`` (signed) or ``[0, alpha]``
 (unsigned), so the codes QuantizeLinear produces stay within ``[-n, n]`` or ``[0, n]``, the
@@ -235,15 +237,15 @@ def export_onnx(
     opset: Optional[int] = None,
     dynamic_batch: bool = True,
 ) -> Path:
-    """Write the integer ``model`` (after :func:`lightning_nipq.hard_quantize`) as an ONNX QDQ graph.
+    """Write the integer ``model`` (after `lightning_nipq.hard_quantize`) as an ONNX QDQ graph.
 
     Args:
         model: an integer model; it is left unchanged (its layers are swapped to their
             export twins only while exporting).
         path: the ``.onnx`` file to write.
         example_input: a tensor, or a tuple of tensors passed as positional arguments.
-        opset: ONNX opset, at least 18. By default 18 (:data:`DEFAULT_OPSET`), or 21
-            (:data:`WIDE_CODES_OPSET`) when some codes take more than 8 bits, which 18 cannot hold.
+        opset: ONNX opset, at least 18. By default 18 (`DEFAULT_OPSET`), or 21
+            (`WIDE_CODES_OPSET`) when some codes take more than 8 bits, which 18 cannot hold.
         dynamic_batch: make dimension 0 of every input symbolic, so any batch size runs.
 
     Returns:
@@ -287,7 +289,7 @@ ORT_EXACT_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 def onnx_session(path: PathLike) -> Any:
     """An onnxruntime CPU session for an exported model, set to compute what the graph says.
 
-    See :data:`ORT_EXACT_CONFIG`; pass the same entries to your own ``SessionOptions``.
+    See `ORT_EXACT_CONFIG`; pass the same entries to your own ``SessionOptions``.
     """
     try:
         import onnxruntime

@@ -56,13 +56,15 @@ class NIPQQuantizer(nn.Module):
         noise: ``"uniform"`` or ``"histogram"`` noise in the noise phase.
         stochastic_bits: add ``U(-0.5, 0.5)`` to the continuous bits before rounding in the noise phase.
         calibrated: ``False`` makes the quantizer pass its input through (and record it with
-            an attached observer) until :meth:`set_range` is called.
+            an attached observer) until `set_range` is called.
 
-    Example::
+    Example:
 
+        ```python
         >>> q = NIPQQuantizer(signed=True, fixed_bits=3, init_alpha=1.0).eval()
         >>> torch.unique(q(torch.linspace(-2, 2, 101))).numel() <= 2**3
         True
+        ```
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class NIPQQuantizer(nn.Module):
         self.observer: Optional[Any] = None
         #: A list (set by the callback while it calibrates) makes compiled code keep the
         #: inputs here instead of calling the observer, which would break the graph; the
-        #: callback hands them over after each step with :meth:`flush_observations`.
+        #: callback hands them over after each step with `flush_observations`.
         self.deferred_observations: Optional[list[Tensor]] = None
         #: Random source of noise and stochastic bits (None: torch's global one). The callback
         #: sets one whose state it checkpoints, so a resumed run draws the same noise.

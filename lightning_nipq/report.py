@@ -26,7 +26,7 @@ class LayerReport:
 
 @dataclass
 class QuantizationReport:
-    """What :func:`lightning_nipq.hard_quantize` produced, with its validation figures."""
+    """What `lightning_nipq.hard_quantize` produced, with its validation figures."""
 
     layers: list[LayerReport]
     skipped: list[tuple[str, str]]

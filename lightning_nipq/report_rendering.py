@@ -1,7 +1,7 @@
-"""Showing a :class:`~lightning_nipq.report.QuantizationReport`: a rich table and a bit-allocation figure.
+"""Showing a `lightning_nipq.report.QuantizationReport`: a rich table and a bit-allocation figure.
 
 rich and matplotlib are optional and imported only when called: without rich,
-:func:`print_report` prints the plain :meth:`QuantizationReport.table`; the figure needs
+`print_report` prints the plain `QuantizationReport.table`; the figure needs
 the ``plot`` extra (``pip install 'lightning-nipq[plot]'``).
 """
 
@@ -55,11 +55,11 @@ def _caption_lines(report: QuantizationReport) -> list[str]:
 def rich_report_table(report: QuantizationReport) -> Table:
     """The per-layer report as a ``rich.table.Table``: one row per layer, averages in the footer.
 
-    Columns as in :meth:`QuantizationReport.table`; bit-widths are coloured from red (2 bits)
+    Columns as in `QuantizationReport.table`; bit-widths are coloured from red (2 bits)
     to cyan (7 and more), and the caption holds storage, the integer check and float layers.
 
     Raises:
-        ImportError: rich is not installed (:func:`print_report` then falls back to plain text).
+        ImportError: rich is not installed (`print_report` then falls back to plain text).
     """
     try:
         from rich.table import Table
@@ -100,7 +100,7 @@ def rich_report_table(report: QuantizationReport) -> Table:
 
 
 def print_report(report: QuantizationReport, console: Optional[Any] = None) -> None:
-    """Print the report as a rich table, or as :meth:`QuantizationReport.table` text without rich.
+    """Print the report as a rich table, or as `QuantizationReport.table` text without rich.
 
     ``console`` is a ``rich.console.Console`` to print to (by default a new one on stdout).
     Printing on every rank of a distributed run is the caller's to avoid.
@@ -215,7 +215,7 @@ def bit_allocation_figure(report: QuantizationReport) -> Figure:
 
 
 def save_bit_allocation_figure(report: QuantizationReport, path: Union[str, Path], dpi: int = 110) -> Path:
-    """Draw :func:`bit_allocation_figure` to ``path`` (PNG unless the suffix names another format).
+    """Draw `bit_allocation_figure` to ``path`` (PNG unless the suffix names another format).
 
     Missing parent directories are created; a path without a suffix gets ``.png``.
     Returns the path written.

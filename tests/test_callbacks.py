@@ -1,6 +1,7 @@
 """NIPQCallback and HardQuantize inside real Lightning fits."""
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -297,3 +298,56 @@ def test_bf16_mixed_precision_trains_at_two_bits_without_nan():
     _fit(model, [NIPQCallback(weight_bits=2, act_bits=2, hard_epochs=1, calibration_batches=1), hard, Record()], epochs=2, data=image_blobs(64), precision="bf16-mixed")
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert hard.report.avg_weight_bits == 2.0 and hard.report.agreement is not None
+
+
+def test_loggers_get_per_layer_series_and_the_end_gives_a_table_and_a_figure(tmp_path, capsys):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = MLP()
+    hard = HardQuantize()
+    logger = CSVLogger(tmp_path, name="run")
+    _fit(model, [NIPQCallback(target_bits=4, hard_epochs=1, calibration_batches=1), hard], epochs=2, logger=logger, log_every_n_steps=2)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    series = [float(r["nipq_weight_bits/head"]) for r in rows if r.get("nipq_weight_bits/head")]
+    assert len(series) >= 4  # over time, not only once
+    assert any(r.get("nipq_input_alpha/blocks.0.inner.0") for r in rows)
+    assert hard.figure_path == Path(logger.log_dir) / "nipq_bit_allocation.png"
+    assert hard.figure_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "blocks.1.inner.0" in out and "head" in out  # the per-layer table was printed
+
+
+def test_works_alongside_checkpointing_early_stopping_lr_monitor_rich_bar_and_pruning(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ModelPruning, RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_nipq import load_nipq_checkpoint
+
+    torch.manual_seed(0)
+    model = MLP()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max")
+    hard = HardQuantize(verbose=False)
+    callbacks = [
+        NIPQCallback(target_bits=4, hard_epochs=1, calibration_batches=1),
+        hard,
+        ckpt,
+        EarlyStopping(monitor="val_acc", mode="max", patience=5),
+        LearningRateMonitor(),
+        RichProgressBar(),
+        ModelPruning("l1_unstructured", amount=0.3, parameter_names=["weight"]),
+    ]
+    trainer = _fit(model, callbacks, epochs=3, logger=CSVLogger(tmp_path), enable_checkpointing=True, enable_progress_bar=True)
+    assert isinstance(model.head, IntegerLayerMixin) and hard.report.agreement == 1.0
+    # pruning was folded in before conversion: the pruned weights are zero codes
+    zero_share = float((model.blocks[0].inner[0].weight_codes == 0).float().mean())
+    assert zero_share >= 0.3
+    # the quantizer group shows up in the learning-rate monitor beside the user's group
+    assert float(trainer.callback_metrics["lr-Adam/pg2"]) == pytest.approx(10 * float(trainer.callback_metrics["lr-Adam/pg1"]))
+    # the best checkpoint, ranked by the quantized model's validation accuracy, reloads
+    fresh = load_nipq_checkpoint(MLP, ckpt.best_model_path).eval()
+    x = blobs(256).tensors[0]
+    assert fresh(x).shape == (256, 4)
+    assert ckpt.best_model_score is not None

@@ -62,7 +62,7 @@ def test_api_page_documents_every_callback_argument(site, cls):
     assert set(args) == set(inspect.signature(cls).parameters), f"{cls.__name__}'s Args section and signature differ"
     for name, description in args.items():
         # Rendered as "name (type, default: value) – description", ``code`` as <code>.
-        words = "".join(description.replace("``", "").split())
+        words = "".join(description.replace("``", "").replace("`", "").split())
         entry = re.escape(name) + r"\([^–]*\)–" + re.escape(words)
         assert re.search(entry, text), f"{cls.__name__}.{name}: its entry or description is missing from the API page"
 

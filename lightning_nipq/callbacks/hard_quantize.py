@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_nipq.callbacks.nipq import NIPQCallback, check_strategy, spawns_processes
@@ -22,6 +23,10 @@ from lightning_nipq.hard_quantize import (
     recalibrate_batchnorm,
 )
 from lightning_nipq.report import QuantizationReport
+from lightning_nipq.report_rendering import logger_directory, print_report, save_bit_allocation_figure
+
+#: File name of the bit-allocation figure in the logger's directory.
+FIGURE_NAME = "nipq_bit_allocation.png"
 
 
 class HardQuantize(Callback):
@@ -29,17 +34,17 @@ class HardQuantize(Callback):
 
     At ``on_train_end`` (after the last checkpoint of the fit is written) it:
 
-    1. freezes every quantizer at its whole bit-width (through :class:`NIPQCallback`, so the
+    1. freezes every quantizer at its whole bit-width (through `NIPQCallback`, so the
        bits meet its budget) and switches to hard quantization;
     2. optionally re-estimates BatchNorm statistics on ``bn_batches`` training batches;
     3. converts every quantized layer into an integer layer (integer weight codes and a
        scale; inputs quantized to codes; the matmul or convolution computed exactly on codes);
     4. compares the integer model with the fake-quantized one on ``compare_batches``
-       validation batches and raises :class:`~lightning_nipq.IntegerMismatchError` if the
+       validation batches and raises `lightning_nipq.IntegerMismatchError` if the
        argmax agreement is under ``min_agreement`` or the relative difference over
        ``max_rel_diff``;
     5. runs your ``validation_step`` on the integer model, so its metrics are logged;
-    6. prints the per-layer report on rank zero and keeps it as :attr:`report`.
+    6. prints the per-layer report on rank zero and keeps it as `report`.
 
     Args:
         bn_batches: training batches for BatchNorm re-estimation (0 turns it off).
@@ -48,13 +53,18 @@ class HardQuantize(Callback):
         max_rel_diff: highest acceptable ``max |diff| / max |output|``.
         input_fn: maps a batch to the model input; by default the batch's first tensor.
         run_validation: run the validation loop on the integer model.
-        verbose: print the report.
+        verbose: print the report (a rich table when rich is installed) on rank zero.
+        save_figure: save a PNG of the bit allocation per layer to the logger's directory
+            (needs matplotlib: ``pip install 'lightning-nipq[plot]'``); its path is kept in
+            `figure_path`.
 
-    Example::
+    Example:
 
+        ```python
         trainer = Trainer(max_epochs=10, callbacks=[NIPQCallback(target_bits=3), HardQuantize(bn_batches=20)])
         trainer.fit(model, datamodule=dm)
         print(trainer.callbacks[1].report.avg_weight_bits)
+        ```
     """
 
     def __init__(
@@ -66,6 +76,7 @@ class HardQuantize(Callback):
         input_fn: Optional[InputFn] = None,
         run_validation: bool = True,
         verbose: bool = True,
+        save_figure: bool = True,
     ) -> None:
         if not isinstance(bn_batches, int) or bn_batches < 0:
             raise ValueError(f"bn_batches must be a whole number >= 0, got {bn_batches!r}")
@@ -82,6 +93,8 @@ class HardQuantize(Callback):
         self.input_fn = input_fn
         self.run_validation = run_validation
         self.verbose = verbose
+        self.save_figure = save_figure
+        self.figure_path: Optional[Path] = None
         self.report: Optional[QuantizationReport] = None
         self._remove_load_hook: Optional[Callable[[], None]] = None
 
@@ -128,8 +141,20 @@ class HardQuantize(Callback):
         check_agreement(self.report, self.min_agreement, self.max_rel_diff)
         if self.run_validation and self._has_validation(trainer):
             self.report.integer_metrics = self._validate(trainer)
+        if trainer.is_global_zero:
+            self._show(trainer)
+
+    def _show(self, trainer: Trainer) -> None:
+        assert self.report is not None
         if self.verbose:
-            rank_zero_info("HardQuantize: integer model\n" + self.report.table())
+            print_report(self.report)
+        directory = logger_directory(trainer) if self.save_figure else None
+        if directory is None:
+            return
+        try:
+            self.figure_path = save_bit_allocation_figure(self.report, directory / FIGURE_NAME)
+        except ImportError as e:
+            rank_zero_warn(f"HardQuantize: no bit-allocation figure ({e})")
 
     @staticmethod
     def _compare_loader(trainer: Trainer) -> Any:

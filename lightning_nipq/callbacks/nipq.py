@@ -28,6 +28,7 @@ from lightning_nipq.bit_budget import BUDGETS, BitBudget, average_bits, fit_bits
 from lightning_nipq.calibration import ActivationObserver
 from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
 from lightning_nipq.distillation import Distiller, frozen_copy
+from lightning_nipq.layer_metrics import is_logging_step, per_layer_metrics
 from lightning_nipq.noise import NOISE_KINDS
 from lightning_nipq.quantizer import MIN_SIGNED_BITS, NIPQQuantizer
 from lightning_nipq.quantizer_param_groups import split_quantizer_params
@@ -64,7 +65,7 @@ class NIPQCallback(Callback):
     3. ``hard_epochs`` of straight-through fake quantization with the bits frozen (fitted
        to the budget) and the regulariser off.
 
-    Add :class:`~lightning_nipq.HardQuantize` to turn the result into a validated integer model.
+    Add `lightning_nipq.HardQuantize` to turn the result into a validated integer model.
 
     Args:
         target_bits: the average weight bit-width you can afford, weighted by element count.
@@ -94,14 +95,19 @@ class NIPQCallback(Callback):
         distillation: distil from a frozen copy of the float model taken at setup.
         distillation_weight: weight of the distillation loss.
         distillation_temperature: softmax temperature of the distillation loss.
+        log_per_layer: log each layer's learned and rounded bits and ranges
+            (``nipq_weight_bits/<layer>``, ``nipq_input_alpha/<layer>``, ...) on the steps
+            the loggers write, besides the averages.
 
-    Example::
+    Example:
 
+        ```python
         from lightning.pytorch import Trainer
         from lightning_nipq import HardQuantize, NIPQCallback
 
         trainer = Trainer(max_epochs=10, callbacks=[NIPQCallback(target_bits=3), HardQuantize()])
         trainer.fit(model, datamodule=dm)  # model now holds integer layers
+        ```
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class NIPQCallback(Callback):
         distillation: bool = False,
         distillation_weight: float = 1.0,
         distillation_temperature: float = 1.0,
+        log_per_layer: bool = True,
     ) -> None:
         _check_bits(min_bits, max_bits, target_bits, target_act_bits, weight_bits, act_bits, init_bits)
         if budget not in BUDGETS:
@@ -175,6 +182,7 @@ class NIPQCallback(Callback):
         self.distillation = distillation
         self.distillation_weight = float(distillation_weight)
         self.distillation_temperature = float(distillation_temperature)
+        self.log_per_layer = log_per_layer
 
         self.bit_budget = BitBudget(self.target_bits, self.target_act_bits, budget)
         self.schedule: Optional[PhaseSchedule] = None
@@ -185,6 +193,7 @@ class NIPQCallback(Callback):
         self._last_bit_loss: Optional[Tensor] = None
         self._bit_loss_calls = 0
         self._layers: list[Any] = []
+        self._named_layers: list[tuple[str, Any]] = []
         self._calibrating: list[NIPQQuantizer] = []
         self._generator: Optional[torch.Generator] = None
         self._generator_state: Optional[Tensor] = None
@@ -221,7 +230,8 @@ class NIPQCallback(Callback):
                 f"NIPQ: quantizing {len(result.quantized)} layers (float input: {result.float_input})"
                 + (f"; left in float: {[n for n, _ in result.skipped]}" if result.skipped else "")
             )
-        self._layers = [layer for _, layer in quantized_layers(pl_module)]
+        self._named_layers = list(quantized_layers(pl_module))
+        self._layers = [layer for _, layer in self._named_layers]
         if self._distiller is not None:
             self._distiller.attach(pl_module)
         if pl_module.automatic_optimization:
@@ -387,7 +397,7 @@ class NIPQCallback(Callback):
                 "NIPQCallback: with manual optimisation, add lightning_nipq.bit_loss(self) to the loss you "
                 "backpropagate in training_step; the bit budget is not applied otherwise"
             )
-        self._log_bits(pl_module)
+        self._log_bits(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # An epoch shorter than calibration_batches still ends calibration.
@@ -414,9 +424,13 @@ class NIPQCallback(Callback):
             q.deferred_observations = None
         self._calibrating = []
 
-    def _log_bits(self, pl_module: LightningModule) -> None:
+    def _log_bits(self, trainer: Trainer, pl_module: LightningModule) -> None:
         with torch.no_grad():
             avg_w, avg_a = pair_average_bits(self._pairs())
+            # Hundreds of per-layer series cost real time in self.log; loggers only keep
+            # every log_every_n_steps-th value anyway.
+            if self.log_per_layer and is_logging_step(trainer):
+                pl_module.log_dict(per_layer_metrics(self._named_layers), on_step=True, on_epoch=False)
         if avg_w is not None:
             pl_module.log("nipq/avg_weight_bits", avg_w, prog_bar=True, on_step=True, on_epoch=False)
         if avg_a is not None:
@@ -542,16 +556,18 @@ def spawns_processes(strategy: Strategy) -> bool:
 
 
 def bit_loss(pl_module: LightningModule) -> Tensor:
-    """The bit-budget loss of the :class:`NIPQCallback` training ``pl_module``, for manual optimisation.
+    """The bit-budget loss of the `NIPQCallback` training ``pl_module``, for manual optimisation.
 
-    Example::
+    Example:
 
+        ```python
         def training_step(self, batch, batch_idx):
             opt = self.optimizers()
             loss = self.task_loss(batch) + lightning_nipq.bit_loss(self)
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()
+        ```
     """
     for callback in pl_module.trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, NIPQCallback):
