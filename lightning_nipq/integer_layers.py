@@ -52,9 +52,9 @@ class IntegerLayerMixin:
     def accumulator_dtype(self, device: torch.device) -> torch.dtype:
         if self.input_bits is None:
             return torch.float32  # float input: not integer arithmetic, see ``float_input``
-        bound = reduction_size(self) * int(num_levels(torch.tensor(float(self.input_bits)), self.input_signed)) * (
-            2 ** (self.weight_bits - 1) - 1
-        )
+        # Python integers: no tensor, so no host sync and no graph break under torch.compile.
+        input_levels = 2 ** (self.input_bits - 1) - 1 if self.input_signed else 2**self.input_bits - 1
+        bound = reduction_size(self) * input_levels * (2 ** (self.weight_bits - 1) - 1)
         if bound >= FLOAT64_EXACT_LIMIT:
             raise ValueError(f"integer accumulation bound {bound} exceeds float64's exact range")
         if device.type == "cpu" and bound < FLOAT32_EXACT_LIMIT:
