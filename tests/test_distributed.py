@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import (
 from models import MLP
 
 from lightning_nipq import HardQuantize, NIPQCallback
-from lightning_nipq.callbacks.nipq import check_strategy
+from lightning_nipq.callbacks.strategy_support import check_strategy
 
 SCRIPT = Path(__file__).parent / "ddp_script.py"
 # Variables of an enclosing distributed job would make the script join it instead of starting its own.

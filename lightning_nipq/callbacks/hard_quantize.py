@@ -13,7 +13,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_nipq.callbacks.nipq import NIPQCallback, check_strategy, spawns_processes
+from lightning_nipq.callbacks.nipq import NIPQCallback
+from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
 from lightning_nipq.hard_quantize import (
     InputFn,

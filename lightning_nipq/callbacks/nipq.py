@@ -9,23 +9,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-    Strategy,
-)
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
-from lightning.pytorch.strategies.xla import XLAStrategy
-from lightning.pytorch.strategies.single_xla import SingleDeviceXLAStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_nipq.attach import QuantizerConfig, attach_quantizers, quantized_layers, quantizers
 from lightning_nipq.bit_budget import BUDGETS, BitBudget, average_bits, fit_bits_to_budget, pair_average_bits
 from lightning_nipq.calibration import ActivationObserver
+from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
 from lightning_nipq.distillation import Distiller, frozen_copy
 from lightning_nipq.layer_metrics import is_logging_step, per_layer_metrics
@@ -37,14 +27,6 @@ from lightning_nipq.schedule import PhaseSchedule
 log = logging.getLogger(__name__)
 
 MAX_SUPPORTED_BITS = 16
-SUPPORTED_STRATEGIES = (
-    "a single device, or DDP: strategy='ddp' (or 'ddp_spawn', 'ddp_fork', 'ddp_notebook', "
-    "'ddp_find_unused_parameters_true', DDPStrategy(...))"
-)
-#: Strategies that shard or re-wrap parameters. Matched by class and, so that DeepSpeed is
-#: recognised without importing it, by class name.
-SHARDED_STRATEGIES: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-SHARDED_STRATEGY_NAMES = ("FSDP", "DeepSpeed", "ModelParallel")
 #: Learned bits further above the target than this when freezing get a warning.
 UNMET_BUDGET_WARNING = 0.5
 
@@ -526,33 +508,6 @@ def _check_bits(
             )
     if init_bits is not None and not min_bits <= init_bits <= max_bits:
         raise ValueError(f"init_bits={init_bits} is outside [min_bits={min_bits}, max_bits={max_bits}]")
-
-
-def check_strategy(strategy: Strategy, who: str) -> None:
-    """Refuse strategies that shard parameters; warn about those this package is not tested with.
-
-    Raises:
-        ValueError: for FSDP, DeepSpeed and model-parallel strategies.
-    """
-    name = type(strategy).__name__
-    class_names = [cls.__name__ for cls in type(strategy).__mro__]
-    if isinstance(strategy, SHARDED_STRATEGIES) or any(
-        part in cls_name for cls_name in class_names for part in SHARDED_STRATEGY_NAMES
-    ):
-        raise ValueError(
-            f"{who} does not support {name}: it shards or re-wraps the parameters, while the quantizers take their "
-            "ranges from whole weights, the bit budget reads every quantizer on every process, and the integer "
-            f"conversion needs whole weights. Supported: {SUPPORTED_STRATEGIES}."
-        )
-    if isinstance(strategy, (XLAStrategy, SingleDeviceXLAStrategy)) or not isinstance(
-        strategy, (SingleDeviceStrategy, DDPStrategy)
-    ):
-        rank_zero_warn(f"{who} is not tested with {name}; it is tested with {SUPPORTED_STRATEGIES}")
-
-
-def spawns_processes(strategy: Strategy) -> bool:
-    """Whether the strategy runs fit in worker processes and copies results back (ddp_spawn and the like)."""
-    return isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def bit_loss(pl_module: LightningModule) -> Tensor:
