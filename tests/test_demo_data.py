@@ -67,3 +67,7 @@ def test_digits_split_and_datamodule():
     assert x.shape == (64, 1, 8, 8) and abs(float(dm.train_set.tensors[0].mean())) < 1e-4
     with pytest.raises(ValueError, match="digits"):
         ImageDataModule("cifar")
+    small = ImageDataModule("digits", train_samples=100)
+    assert len(small.train_set) == 100 and len(small.test_set) == len(dm.test_set)
+    with pytest.raises(ValueError, match="train_samples"):
+        ImageDataModule("digits", train_samples=0)

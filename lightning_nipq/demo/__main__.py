@@ -45,6 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--nipq-epochs", type=int, default=None)
     parser.add_argument("--hard-epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-samples", type=int, default=None, help="train on the first N training images only (quick trials)")
     parser.add_argument("--out", default=None, help="folder to keep the integer artifact and the ONNX file in (default: a temporary one)")
     parser.add_argument(
         "--check",
@@ -61,7 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     float_epochs = args.float_epochs or (15 if small else 4)
     nipq_epochs = args.nipq_epochs or (15 if small else 5)
     seed_everything(args.seed, verbose=False)
-    dm = ImageDataModule(args.data, args.data_dir, batch_size=64 if small else 128, seed=args.seed)
+    dm = ImageDataModule(
+        args.data, args.data_dir, batch_size=64 if small else 128, seed=args.seed, train_samples=args.train_samples
+    )
 
     print(f"== 1. float training: {float_epochs} epochs on {args.data}")
     model = SmallCNN(width=32, lr=3e-3, epochs=float_epochs)

@@ -83,7 +83,14 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> tuple[Tenso
 class ImageDataModule(LightningDataModule):
     """Train/validation/test loaders over in-memory tensors; validation and test share the test split."""
 
-    def __init__(self, name: str = "digits", data_dir: Optional[str] = None, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self,
+        name: str = "digits",
+        data_dir: Optional[str] = None,
+        batch_size: int = 64,
+        seed: int = 0,
+        train_samples: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if name not in ("digits", "fashion-mnist"):
             raise ValueError(f"data must be 'digits' or 'fashion-mnist', got {name!r}")
@@ -95,6 +102,10 @@ class ImageDataModule(LightningDataModule):
             tx, ty, vx, vy = load_digits_split(seed=seed)
         else:
             tx, ty, vx, vy = load_fashion_mnist(data_dir or DEFAULT_FASHION_MNIST_DIR)
+        if train_samples is not None:
+            if train_samples < 1:
+                raise ValueError(f"train_samples must be >= 1, got {train_samples}")
+            tx, ty = tx[:train_samples], ty[:train_samples]
         mean, std = tx.mean(), tx.std()
         self.train_set = TensorDataset((tx - mean) / std, ty)
         self.test_set = TensorDataset((vx - mean) / std, vy)
