@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_nipq.integer_layers import is_integer
 from lightning_nipq.layers import FLOAT_CLASS, QUANTIZABLE_TYPES, QUANTIZED_CLASS, is_quantized
 from lightning_nipq.quantizer import NIPQQuantizer
+from lightning_nipq.quantizer_base import BaseQuantizer
+
+
+class QuantizerFactory(Protocol):
+    """What `attach_quantizers` needs of a config (`QuantizerConfig`, `lightning_nipq.LSQConfig`)."""
+
+    def weight_quantizer(self, weight: Tensor) -> BaseQuantizer:
+        """A calibrated, signed quantizer whose initial range suits ``weight``."""
+        ...
+
+    def input_quantizer(self) -> BaseQuantizer:
+        """An uncalibrated quantizer: calibration gives it its range and sign."""
+        ...
 
 
 @dataclass
 class QuantizerConfig:
-    """How quantizers are built. ``weight_bits``/``act_bits`` freeze the bit-width."""
+    """How NIPQ quantizers are built. ``weight_bits``/``act_bits`` freeze the bit-width."""
 
     min_bits: int = 2
     max_bits: int = 8
@@ -38,6 +51,15 @@ class QuantizerConfig:
             stochastic_bits=self.stochastic_bits,
             calibrated=calibrated,
         )
+
+    def weight_quantizer(self, weight: Tensor) -> NIPQQuantizer:
+        """A quantizer for ``weight``, starting with ``alpha = max|W|``."""
+        init_alpha = float(weight.detach().abs().max().clamp_min(1e-8))
+        return self.make(self.weight_bits, init_alpha=init_alpha, calibrated=True, signed=True)
+
+    def input_quantizer(self) -> NIPQQuantizer:
+        """An uncalibrated input quantizer; calibration sets its range and sign."""
+        return self.make(self.act_bits, init_alpha=1.0, calibrated=False, signed=True)
 
 
 @dataclass
@@ -118,16 +140,18 @@ def plan_layers(
 
 def attach_quantizers(
     model: nn.Module,
-    config: Optional[QuantizerConfig] = None,
+    config: Optional[QuantizerFactory] = None,
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
     float_input_layers: Optional[Sequence[str]] = None,
 ) -> AttachResult:
     """Quantize the weight and input of every supported layer of ``model``, in place.
 
-    Weights start with ``alpha = max|W|``. Input quantizers start uncalibrated: they pass
-    their input through until `lightning_nipq.calibration.calibrate_activations`
-    (or ``NIPQQuantizer.set_range``) gives them a range and a sign.
+    ``config`` builds the quantizers: `QuantizerConfig` (the default) NIPQ ones, whose
+    weights start with ``alpha = max|W|``, and `lightning_nipq.LSQConfig` LSQ ones.
+    Input quantizers start uncalibrated: they pass their input through until
+    `lightning_nipq.calibration.calibrate_activations` (or their ``set_range``) gives
+    them a range and a sign.
 
     ``float_input_layers`` names the layers whose input stays float; by default the first
     supported layer in registration order, which takes the raw model input in most models.
@@ -159,19 +183,18 @@ def attach_quantizers(
     return result
 
 
-def attach_layer(layer: nn.Module, config: QuantizerConfig, float_input: bool = False) -> None:
+def attach_layer(layer: nn.Module, config: QuantizerFactory, float_input: bool = False) -> None:
     """Quantize one plain ``nn.Linear``/``nn.Conv1d/2d/3d`` in place (see `attach_quantizers`)."""
     if type(layer) not in QUANTIZED_CLASS:
         raise TypeError(f"{type(layer).__name__} is not a plain Linear/Conv1d/Conv2d/Conv3d layer")
-    init_alpha = float(layer.weight.detach().abs().max().clamp_min(1e-8))
-    weight_quantizer = config.make(config.weight_bits, init_alpha=init_alpha, calibrated=True, signed=True)
+    weight_quantizer = config.weight_quantizer(layer.weight)
     weight_quantizer.size = layer.weight.numel()
     layer.__class__ = QUANTIZED_CLASS[type(layer)]
     layer.weight_quantizer = weight_quantizer.to(layer.weight.device)
     if float_input:
         layer.input_quantizer = None
     else:
-        input_quantizer = config.make(config.act_bits, init_alpha=1.0, calibrated=False, signed=True)
+        input_quantizer = config.input_quantizer()
         layer.input_quantizer = input_quantizer.to(layer.weight.device)
 
 
@@ -198,7 +221,7 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def quantizers(model: nn.Module) -> Iterator[tuple[str, NIPQQuantizer]]:
+def quantizers(model: nn.Module) -> Iterator[tuple[str, BaseQuantizer]]:
     """``(name, quantizer)`` for every quantizer, weights before inputs within a layer."""
     for name, layer in quantized_layers(model):
         yield f"{name}.weight_quantizer", layer.weight_quantizer

@@ -26,19 +26,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_nipq.quantizer import NIPQQuantizer
+from lightning_nipq.quantizer_base import BaseQuantizer
 
 BUDGETS: tuple[str, ...] = ("avg_bits", "bops")
 FLOAT_BITS = 32.0
 
 
-def _layer_quantizers(model: nn.Module) -> list[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]]:
+def _layer_quantizers(model: nn.Module) -> list[tuple[BaseQuantizer, Optional[BaseQuantizer]]]:
     from lightning_nipq.attach import quantized_layers
 
     return [(layer.weight_quantizer, layer.input_quantizer) for _, layer in quantized_layers(model)]
 
 
-def average_bits(quantizers: Sequence[NIPQQuantizer]) -> Optional[Tensor]:
+def average_bits(quantizers: Sequence[BaseQuantizer]) -> Optional[Tensor]:
     """Element-weighted mean of the rounded bits (straight-through), None if nothing has a size yet."""
     sized = [q for q in quantizers if q.size > 0]
     if not sized:
@@ -53,7 +53,7 @@ def weight_and_act_average_bits(model: nn.Module) -> tuple[Optional[Tensor], Opt
 
 
 def pair_average_bits(
-    pairs: Sequence[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]],
+    pairs: Sequence[tuple[BaseQuantizer, Optional[BaseQuantizer]]],
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """As `weight_and_act_average_bits`, for ``(weight quantizer, input quantizer)`` pairs."""
     weights = [w for w, _ in pairs]
@@ -79,9 +79,9 @@ class BitBudget:
         """The penalty for the model's current bits; zero (with no graph) if no bit is learnable."""
         return self.loss_of(_layer_quantizers(model))
 
-    def loss_of(self, pairs: Sequence[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]]) -> Tensor:
+    def loss_of(self, pairs: Sequence[tuple[BaseQuantizer, Optional[BaseQuantizer]]]) -> Tensor:
         """The penalty for ``(weight quantizer, input quantizer or None)`` pairs, one per layer."""
-        device = pairs[0][0].theta.device if pairs else torch.device("cpu")
+        device = pairs[0][0].alpha.device if pairs else torch.device("cpu")
         if self.budget == "bops":
             return self._bops_loss(pairs, device)
         total = torch.zeros((), device=device)
@@ -96,7 +96,7 @@ class BitBudget:
         return total
 
     def _bops_loss(
-        self, pairs: Sequence[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]], device: torch.device
+        self, pairs: Sequence[tuple[BaseQuantizer, Optional[BaseQuantizer]]], device: torch.device
     ) -> Tensor:
         measured = [(w, a) for w, a in pairs if w.macs > 0]
         learnable = any(w.learns_bits or (a is not None and a.learns_bits) for w, a in measured)
@@ -119,7 +119,7 @@ class BitBudget:
 MAX_BUDGET_STATES = 1 << 18
 
 
-def fit_bits_to_budget(quantizers: Sequence[NIPQQuantizer], target: float) -> dict[int, int]:
+def fit_bits_to_budget(quantizers: Sequence[BaseQuantizer], target: float) -> dict[int, int]:
     """Whole bits, one per quantizer, whose element-weighted mean is at most ``target``.
 
     Among all such assignments it returns the one closest to the learned continuous bits,

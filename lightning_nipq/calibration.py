@@ -8,12 +8,12 @@ per-batch percentiles) and the sign (signed if any observed value was negative).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from lightning_nipq.quantizer import NIPQQuantizer
+from lightning_nipq.quantizer_base import BaseQuantizer
 
 #: ``torch.quantile`` refuses inputs above 2**24 elements; a random subset is plenty.
 MAX_SAMPLES = 1 << 20
@@ -31,14 +31,14 @@ class ActivationObserver:
         self._sum: dict[int, float] = {}
         self._count: dict[int, int] = {}
         self._min: dict[int, float] = {}
-        self._quantizers: dict[int, NIPQQuantizer] = {}
+        self._quantizers: dict[int, BaseQuantizer] = {}
 
-    def watch(self, quantizer: NIPQQuantizer) -> None:
+    def watch(self, quantizer: BaseQuantizer) -> None:
         quantizer.observer = self
         self._quantizers[id(quantizer)] = quantizer
 
     @torch.no_grad()
-    def observe(self, quantizer: NIPQQuantizer, x: Tensor) -> None:
+    def observe(self, quantizer: BaseQuantizer, x: Tensor) -> None:
         flat = x.detach().reshape(-1).float()
         if flat.numel() == 0:
             return
@@ -92,9 +92,24 @@ def calibrate_activations(
 
     For models quantized outside Lightning: ``forward(batch)`` should call the model.
     """
+    observer = ActivationObserver(percentile)
+    observe_inputs(model, batches, forward, observer)
+    observer.finish()
+
+
+def observe_inputs(
+    model: torch.nn.Module,
+    batches: "list[object] | object",
+    forward: Callable[[object], object],
+    observer: "ActivationObserver | Any",
+) -> None:
+    """Run ``forward`` on ``batches`` while ``observer`` records every uncalibrated input quantizer.
+
+    ``observer`` needs ``watch(quantizer)`` and ``observe(quantizer, x)``; the quantizers
+    pass their input through meanwhile, so every layer sees float inputs.
+    """
     from lightning_nipq.attach import quantizers
 
-    observer = ActivationObserver(percentile)
     was_training = model.training
     # Eval mode for the model (no BatchNorm updates, no dropout), train mode for the
     # quantizers being observed, which record only while training.
@@ -103,8 +118,9 @@ def calibrate_activations(
         if not q.calibrated:
             observer.watch(q)
             q.train()
-    with torch.no_grad():
-        for batch in batches:  # type: ignore[union-attr]
-            forward(batch)
-    model.train(was_training)
-    observer.finish()
+    try:
+        with torch.no_grad():
+            for batch in batches:  # type: ignore[union-attr]
+                forward(batch)
+    finally:
+        model.train(was_training)

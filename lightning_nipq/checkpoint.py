@@ -1,8 +1,9 @@
 """Loading NIPQ checkpoints into any instance of the model, in any state.
 
 A state dict already says which layers are quantized and how: a layer ``X`` with the key
-``X.weight_quantizer.theta`` is fake-quantized, one with ``X.input_quantizer.theta`` also
-quantizes its input, and one with ``X.weight_codes`` is an integer layer. The full
+``X.weight_quantizer.theta`` is fake-quantized with NIPQ (``X.weight_quantizer.step``:
+with LSQ), one with ``X.input_quantizer.theta`` (``.step``) also quantizes its input, and
+one with ``X.weight_codes`` is an integer layer. The full
 quantizer state (sign, frozen bits, bit range, sizes) travels in ``_extra_state``. So
 `prepare_for_state_dict` can give a fresh float model, or one in another state
 (say, converted to integers after training), exactly the structure the state dict
@@ -20,15 +21,26 @@ from typing import Any, Callable, Mapping, Optional, TypeVar
 import torch
 from torch import nn
 
-from lightning_nipq.attach import QuantizerConfig, attach_layer, detach_layer, disable_transformer_fast_path
+from lightning_nipq.attach import (
+    QuantizerConfig,
+    QuantizerFactory,
+    attach_layer,
+    detach_layer,
+    disable_transformer_fast_path,
+)
 from lightning_nipq.integer_layers import INTEGER_CLASS, integer_layer_from_codes, is_integer
 from lightning_nipq.layers import FLOAT_CLASS, QUANTIZABLE_TYPES, is_quantized, layer_kind
+from lightning_nipq.lsq import LSQConfig
 
 MANIFEST_KEY = "nipq"
 MANIFEST_FORMAT = "lightning-nipq/checkpoint"
 MANIFEST_VERSION = 1
-_WEIGHT_SUFFIX = ".weight_quantizer.theta"
-_INPUT_SUFFIX = ".input_quantizer.theta"
+#: Per quantizer kind: the parameter whose key marks it in a state dict, and a config that
+#: builds one (bits, range and sign then come from the state dict's ``_extra_state``).
+_QUANTIZER_KINDS: dict[str, tuple[str, Callable[[], QuantizerFactory]]] = {
+    "nipq": ("theta", QuantizerConfig),
+    "lsq": ("step", LSQConfig),
+}
 _CODES_SUFFIX = ".weight_codes"
 _FLOAT_OF = {**FLOAT_CLASS, **{v: k for k, v in INTEGER_CLASS.items()}}
 
@@ -39,24 +51,31 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
-def _form(layer: nn.Module) -> tuple[str, bool]:
+#: ``(form, quantizes its input, quantizer kind)``: form is "float", "fake" or "integer";
+#: the kind ("nipq", "lsq") is empty unless fake-quantized.
+Form = tuple[str, bool, str]
+
+
+def _form(layer: nn.Module) -> Form:
     if is_quantized(layer):
-        return "fake", layer.input_quantizer is not None
+        return "fake", layer.input_quantizer is not None, layer.weight_quantizer.kind
     if is_integer(layer):
-        return "integer", layer.input_bits is not None
-    return "float", False
+        return "integer", layer.input_bits is not None, ""
+    return "float", False, ""
 
 
-def _forms_in(state_dict: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
-    forms: dict[str, tuple[str, bool]] = {}
+def _forms_in(state_dict: Mapping[str, Any]) -> dict[str, Form]:
+    forms: dict[str, Form] = {}
     for key in state_dict:
-        if key.endswith(_WEIGHT_SUFFIX):
-            name = key[: -len(_WEIGHT_SUFFIX)]
-            forms[name] = ("fake", f"{name}{_INPUT_SUFFIX}" in state_dict)
-        elif key.endswith(_CODES_SUFFIX):
+        for kind, (parameter, _) in _QUANTIZER_KINDS.items():
+            suffix = f".weight_quantizer.{parameter}"
+            if key.endswith(suffix):
+                name = key[: -len(suffix)]
+                forms[name] = ("fake", f"{name}.input_quantizer.{parameter}" in state_dict, kind)
+        if key.endswith(_CODES_SUFFIX):
             name = key[: -len(_CODES_SUFFIX)]
             extra = state_dict.get(f"{name}._extra_state") or {}
-            forms[name] = ("integer", extra.get("input_bits") is not None)
+            forms[name] = ("integer", extra.get("input_bits") is not None, "")
     return forms
 
 
@@ -98,13 +117,13 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
         if _FLOAT_OF.get(type(module), type(module)) not in INTEGER_CLASS:
             continue
         done.add(id(module))
-        target = forms.get(name, ("float", False))
+        target = forms.get(name, ("float", False, ""))
         if _form(module) == target:
             continue
         _to_float(module)
-        kind, has_input = target
+        kind, has_input, method = target
         if kind == "fake":
-            attach_layer(module, QuantizerConfig(), float_input=not has_input)
+            attach_layer(module, _QUANTIZER_KINDS[method][1](), float_input=not has_input)
         elif kind == "integer":
             extra = state_dict.get(f"{name}._extra_state") or {}
             bits = int(extra.get("weight_bits", 8))
@@ -126,12 +145,13 @@ def quantization_manifest(model: nn.Module, **extra: Any) -> dict[str, Any]:
     layers = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        kind, has_input = _form(module)
+        kind, has_input, method = _form(module)
         if kind == "float" or id(module) in seen:
             continue
         seen.add(id(module))
         entry: dict[str, Any] = {"name": name, "kind": layer_kind(module), "form": kind}
         if kind == "fake":
+            entry["method"] = method
             wq, iq = module.weight_quantizer, module.input_quantizer
             entry["weight"] = {"bits": wq.rounded_bits(), "frozen": wq.frozen_bits is not None, "range": [wq.min_bits, wq.max_bits]}
             entry["input"] = None if iq is None else {

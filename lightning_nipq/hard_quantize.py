@@ -145,7 +145,7 @@ def hard_quantize(
     compare_batches: Optional[Iterable[Any]] = None,
     input_fn: Optional[InputFn] = None,
     min_agreement: float = 0.999,
-    max_rel_diff: float = 1e-3,
+    max_rel_diff: float = 1e-2,
 ) -> QuantizationReport:
     """Freeze, optionally re-estimate BatchNorm, convert to integer layers, and validate.
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.layers import is_quantized
-from lightning_nipq.quantizer import NIPQQuantizer
+from lightning_nipq.quantizer_base import BaseQuantizer
 
 #: The metric groups, by quantizer role and quantity.
 WEIGHT_BITS = "nipq_weight_bits"
@@ -35,7 +35,7 @@ def metric_layer_name(name: str) -> str:
     return _UNSAFE.sub("_", name) or "_"
 
 
-def quantizer_metrics(quantizer: NIPQQuantizer) -> tuple[Tensor, Tensor, Tensor]:
+def quantizer_metrics(quantizer: BaseQuantizer) -> tuple[Tensor, Tensor, Tensor]:
     """``(continuous bits, rounded bits, alpha)`` of one quantizer: detached float32 scalars on its device.
 
     Nothing is read back to the host, so calling this every step costs no device sync.

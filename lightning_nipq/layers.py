@@ -15,7 +15,7 @@ from typing import Optional, Union
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_nipq.quantizer import NIPQQuantizer
+from lightning_nipq.quantizer_base import BaseQuantizer
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FloatLayer = Union[nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
@@ -26,8 +26,8 @@ class QuantizedLayerMixin:
 
     weight: Tensor
     bias: Optional[Tensor]
-    weight_quantizer: NIPQQuantizer
-    input_quantizer: Optional[NIPQQuantizer]
+    weight_quantizer: BaseQuantizer
+    input_quantizer: Optional[BaseQuantizer]
 
     def forward(self, input: Tensor) -> Tensor:
         if self.input_quantizer is not None:

@@ -13,13 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_nipq.fake_quant import hard_fake_quant, noise_fake_quant, num_levels, round_ste
+from lightning_nipq.fake_quant import hard_fake_quant, noise_fake_quant
 from lightning_nipq.noise import NOISE_KINDS, register_generator, sample_noise, sample_noise_compilable
+from lightning_nipq.quantizer_base import BaseQuantizer
 
 Mode = Literal["noise", "hard"]
-
-#: Signed codes are symmetric (``[-n, n]``); below 2 bits that would leave only zero.
-MIN_SIGNED_BITS = 2
 
 
 def inverse_softplus(y: float) -> float:
@@ -29,14 +27,7 @@ def inverse_softplus(y: float) -> float:
     return math.log(math.expm1(y))
 
 
-@torch.compiler.disable
-def _observe(observer: Any, quantizer: "NIPQQuantizer", x: Tensor) -> None:
-    # Calibration keeps Python statistics; traced, every value would be a guard and a
-    # recompile. Under torch.compile it runs eagerly, at the cost of a graph break.
-    observer.observe(quantizer, x)
-
-
-class NIPQQuantizer(nn.Module):
+class NIPQQuantizer(BaseQuantizer):
     """Learnable-bit, learnable-range quantizer of NIPQ (Shin et al., CVPR 2023).
 
     Bits are ``min_bits + (max_bits - min_bits) * sigmoid(theta)``, rounded with a
@@ -67,6 +58,8 @@ class NIPQQuantizer(nn.Module):
         ```
     """
 
+    kind = "nipq"
+
     def __init__(
         self,
         signed: bool = True,
@@ -79,42 +72,18 @@ class NIPQQuantizer(nn.Module):
         stochastic_bits: bool = True,
         calibrated: bool = True,
     ) -> None:
-        super().__init__()
-        if min_bits < 1 or max_bits < min_bits:
-            raise ValueError(f"need 1 <= min_bits <= max_bits, got min_bits={min_bits}, max_bits={max_bits}")
+        super().__init__(signed=signed, min_bits=min_bits, max_bits=max_bits, calibrated=calibrated)
         if noise not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
         if init_alpha <= 0:
             raise ValueError(f"init_alpha must be positive, got {init_alpha}")
-        self.min_bits = int(min_bits)
-        self.max_bits = int(max_bits)
         if init_bits is None:
             init_bits = max_bits - 0.5 if max_bits > min_bits else float(max_bits)
         self.theta = nn.Parameter(torch.tensor(self._theta_for(init_bits)))
         self.alpha_raw = nn.Parameter(torch.tensor(inverse_softplus(init_alpha)))
-        self.signed = bool(signed)
-        self.frozen_bits: Optional[int] = None
         self.noise = noise
         self.stochastic_bits = stochastic_bits
-        self.calibrated = calibrated
         self.mode = "noise"
-        #: Set by the callback during the anneal phase. Compiled code then takes noise or hard
-        #: quantization from a tensor flag instead of specialising on ``mode``, so the layers
-        #: switching one by one cost one graph, not one recompile each.
-        self.blend_modes = False
-        #: Elements quantized per forward (weights: the tensor; activations: one batch's input),
-        #: the weight of this quantizer in the average bit-width.
-        self.size = 0
-        #: Multiply-accumulates of the layer whose weight this quantizes, for the BOPs budget.
-        self.macs = 0
-        self.observer: Optional[Any] = None
-        #: A list (set by the callback while it calibrates) makes compiled code keep the
-        #: inputs here instead of calling the observer, which would break the graph; the
-        #: callback hands them over after each step with `flush_observations`.
-        self.deferred_observations: Optional[list[Tensor]] = None
-        #: Random source of noise and stochastic bits (None: torch's global one). The callback
-        #: sets one whose state it checkpoints, so a resumed run draws the same noise.
-        self.generator = None
         if fixed_bits is not None:
             self.freeze_bits(fixed_bits)
 
@@ -147,6 +116,10 @@ class NIPQQuantizer(nn.Module):
     # ------------------------------------------------------------------ randomness
     @property
     def generator(self) -> Optional[torch.Generator]:
+        """Random source of noise and stochastic bits (None: torch's global one).
+
+        The callback sets one whose state it checkpoints, so a resumed run draws the same noise.
+        """
         return self._generator
 
     @generator.setter
@@ -167,14 +140,6 @@ class NIPQQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ bits and range
     @property
-    def lowest_bits(self) -> int:
-        return max(self.min_bits, MIN_SIGNED_BITS) if self.signed else self.min_bits
-
-    @property
-    def learns_bits(self) -> bool:
-        return self.frozen_bits is None
-
-    @property
     def alpha(self) -> Tensor:
         return F.softplus(self.alpha_raw)
 
@@ -191,19 +156,13 @@ class NIPQQuantizer(nn.Module):
         b = self.continuous_bits()
         if stochastic and self.frozen_bits is None:
             b = b + self._noise("uniform", b, b, b).to(b.dtype)
-        return torch.clamp(round_ste(b), self.lowest_bits, self.max_bits)
-
-    def rounded_bits(self) -> int:
-        """The bit-width eval mode uses now, as a Python integer."""
-        return int(self.bits().detach().item())
+        return self._whole_bits(b)
 
     def freeze_bits(self, bits: Optional[int] = None) -> None:
         """Freeze the bit-width at ``bits`` (by default the current rounded bits)."""
-        value = self.rounded_bits() if bits is None else int(bits)
-        if not self.min_bits <= value <= self.max_bits:
-            raise ValueError(f"cannot freeze at {value} bits: this quantizer's range is [{self.min_bits}, {self.max_bits}]")
-        self.frozen_bits = value
-        self.theta.data.fill_(self._theta_for(value))
+        super().freeze_bits(bits)
+        assert self.frozen_bits is not None
+        self.theta.data.fill_(self._theta_for(self.frozen_bits))
 
     def set_range(self, alpha: float, signed: bool) -> None:
         """Set the truncation and signedness (what calibration does) and start quantizing."""
@@ -212,31 +171,19 @@ class NIPQQuantizer(nn.Module):
         self.calibrated = True
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.calibrated:
-            if self.training and self.observer is not None:
-                if self.deferred_observations is not None and torch.compiler.is_compiling():
-                    # A graph break here would outlive calibration: Dynamo keeps the split
-                    # graph for as long as the guards before the break hold.
-                    self.deferred_observations.append(x.detach())
-                else:
-                    _observe(self.observer, self, x)
-            # Zero-weighted use of the parameters keeps DDP's reducer satisfied while the
-            # range is still being measured.
-            return x + (self.alpha_raw + self.theta).to(x.dtype) * 0.0
+    def _parameters_in_use(self) -> Tensor:
+        return self.alpha_raw + self.theta
+
+    def _quantize(self, x32: Tensor) -> Tensor:
         alpha = self.alpha
-        # Rounding needs float32: in bf16 a 4-bit grid is already coarser than the data.
-        x32 = x.float()
         if self.training and self.blend_modes and torch.compiler.is_compiling():
-            return self._blended(x32, alpha).to(x.dtype)
+            return self._blended(x32, alpha)
         noisy = self.training and self.mode == "noise"
         bits = self.bits(stochastic=noisy and self.stochastic_bits)
         if noisy:
             noise = self._noise(self.noise, x32, alpha.detach(), bits.detach())
-            out = noise_fake_quant(x32, alpha, bits, self.signed, noise)
-        else:
-            out = hard_fake_quant(x32, alpha, bits, self.signed)
-        return out.to(x.dtype)
+            return noise_fake_quant(x32, alpha, bits, self.signed, noise)
+        return hard_fake_quant(x32, alpha, bits, self.signed)
 
     def _blended(self, x32: Tensor, alpha: Tensor) -> Tensor:
         # Both paths, selected by the flag: gradients reach only the selected one. Noise is
@@ -247,61 +194,8 @@ class NIPQQuantizer(nn.Module):
         hard = hard_fake_quant(x32, alpha, self.bits(), self.signed)
         return torch.where(self._hard_flag > 0, hard, noisy)
 
-    def flush_observations(self) -> None:
-        """Give the observer the inputs that compiled code deferred (see ``deferred_observations``)."""
-        if not self.deferred_observations:
-            return
-        pending = list(self.deferred_observations)
-        self.deferred_observations.clear()  # in place: the compiled code holds this list
-        if self.observer is not None:
-            for x in pending:
-                self.observer.observe(self, x)
-
-    def step_size(self) -> Tensor:
-        """``alpha / n`` at the current rounded bits."""
-        return self.alpha / num_levels(self.bits(), self.signed)
-
     def extra_repr(self) -> str:
         bits = f"bits={self.frozen_bits} (frozen)" if self.frozen_bits is not None else (
             f"bits~{self.continuous_bits().item():.2f} in [{self.lowest_bits}, {self.max_bits}]"
         )
         return f"{'signed' if self.signed else 'unsigned'}, {bits}, alpha={self.alpha.item():.4g}, mode={self.mode}"
-
-    # ------------------------------------------------------------------ state
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "signed": self.signed,
-            "frozen_bits": self.frozen_bits,
-            "calibrated": self.calibrated,
-            "min_bits": self.min_bits,
-            "max_bits": self.max_bits,
-            "size": self.size,
-            "macs": self.macs,
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.signed = bool(state["signed"])
-        self.frozen_bits = None if state["frozen_bits"] is None else int(state["frozen_bits"])
-        self.calibrated = bool(state["calibrated"])
-        self.min_bits = int(state["min_bits"])
-        self.max_bits = int(state["max_bits"])
-        self.size = int(state["size"])
-        self.macs = int(state["macs"])
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # A float checkpoint has none of our keys: keep the quantizer as attached and
-        # calibrated instead of failing a strict load, so a float checkpoint still loads.
-        if not any(key.startswith(prefix) for key in state_dict):
-            return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )

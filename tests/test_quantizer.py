@@ -76,3 +76,11 @@ def test_bfloat16_input_is_quantized_in_float32_without_nan_at_two_bits():
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         NIPQQuantizer(**kwargs)
+
+
+def test_one_bit_quantizer_on_signed_data_is_promoted_to_two_bits_not_nan():
+    q = NIPQQuantizer(fixed_bits=1, min_bits=1, max_bits=1, calibrated=False).train()
+    q.set_range(1.0, signed=True)
+    out = q(torch.randn(1000))
+    assert torch.isfinite(out).all() and q.rounded_bits() == 2
+    assert torch.unique(q.eval()(torch.randn(1000))).numel() <= 3

@@ -73,7 +73,7 @@ class HardQuantize(Callback):
         bn_batches: int = 0,
         compare_batches: int = 8,
         min_agreement: float = 0.999,
-        max_rel_diff: float = 1e-3,
+        max_rel_diff: float = 1e-2,
         input_fn: Optional[InputFn] = None,
         run_validation: bool = True,
         verbose: bool = True,

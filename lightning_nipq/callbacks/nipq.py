@@ -20,13 +20,12 @@ from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantizat
 from lightning_nipq.distillation import Distiller, frozen_copy
 from lightning_nipq.layer_metrics import is_logging_step, per_layer_metrics
 from lightning_nipq.noise import NOISE_KINDS
-from lightning_nipq.quantizer import MIN_SIGNED_BITS, NIPQQuantizer
+from lightning_nipq.quantizer_base import MAX_SUPPORTED_BITS, MIN_SIGNED_BITS, BaseQuantizer
 from lightning_nipq.quantizer_param_groups import split_quantizer_params
 from lightning_nipq.schedule import PhaseSchedule
 
 log = logging.getLogger(__name__)
 
-MAX_SUPPORTED_BITS = 16
 #: Learned bits further above the target than this when freezing get a warning.
 UNMET_BUDGET_WARNING = 0.5
 
@@ -176,7 +175,7 @@ class NIPQCallback(Callback):
         self._bit_loss_calls = 0
         self._layers: list[Any] = []
         self._named_layers: list[tuple[str, Any]] = []
-        self._calibrating: list[NIPQQuantizer] = []
+        self._calibrating: list[BaseQuantizer] = []
         self._generator: Optional[torch.Generator] = None
         self._generator_state: Optional[Tensor] = None
         self._remove_load_hook: Optional[Callable[[], None]] = None
@@ -337,7 +336,7 @@ class NIPQCallback(Callback):
             total = total + kd
         return total
 
-    def _pairs(self) -> list[tuple[NIPQQuantizer, Optional[NIPQQuantizer]]]:
+    def _pairs(self) -> list[tuple[BaseQuantizer, Optional[BaseQuantizer]]]:
         return [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers]
 
     def _phase(self, pl_module: LightningModule) -> str:
