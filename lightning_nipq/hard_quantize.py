@@ -139,13 +139,32 @@ def compare_outputs(reference: list[Tensor], candidate: list[Tensor]) -> tuple[O
     return agreement, max_abs, max_abs / max(scale, 1e-12)
 
 
+#: Share of compared samples whose difference must stay within ``max_rel_diff``.
+TYPICAL_SAMPLE_QUANTILE = 0.99
+
+
+def typical_rel_diff(reference: list[Tensor], candidate: list[Tensor], quantile: float = TYPICAL_SAMPLE_QUANTILE) -> float:
+    """The ``quantile`` over samples of each sample's max ``|diff|``, relative to max ``|reference|``.
+
+    The integer model is exact, while the fake-quantized one rounds in float: an activation
+    that sits on a rounding boundary can land on the neighbouring code in one of them, a
+    whole step at low bits, for a handful of samples. A layer that bypasses quantization
+    shifts every sample. The worst sample measures the first; a high quantile the second.
+    """
+    per_sample = [(ref - out).abs().reshape(ref.shape[0], -1).amax(dim=1) for ref, out in zip(reference, candidate)]
+    if not per_sample:
+        return 0.0
+    scale = max(float(ref.abs().max()) for ref in reference)
+    return float(torch.quantile(torch.cat(per_sample).double(), quantile)) / max(scale, 1e-12)
+
+
 def hard_quantize(
     model: nn.Module,
     bn_batches: Optional[Iterable[Any]] = None,
     compare_batches: Optional[Iterable[Any]] = None,
     input_fn: Optional[InputFn] = None,
     min_agreement: float = 0.999,
-    max_rel_diff: float = 1e-2,
+    max_rel_diff: float = 1e-3,
 ) -> QuantizationReport:
     """Freeze, optionally re-estimate BatchNorm, convert to integer layers, and validate.
 
@@ -155,7 +174,8 @@ def hard_quantize(
         compare_batches: batches on which the integer model must match the fake-quantized one.
         input_fn: maps a batch to the model input (default: the batch's first tensor).
         min_agreement: lowest acceptable argmax agreement.
-        max_rel_diff: highest acceptable ``max |diff| / max |output|``.
+        max_rel_diff: highest acceptable ``|diff| / max |output|`` for 99% of the compared
+            samples (see `typical_rel_diff`: single activation codes may flip on the rest).
 
     Raises:
         IntegerMismatchError: the integer model is off beyond the tolerances (the model is
@@ -172,6 +192,7 @@ def hard_quantize(
     if compare:
         integer = _outputs(model, compare, input_fn)
         report.agreement, report.max_abs_diff, report.max_rel_diff = compare_outputs(reference, integer)
+        report.typical_rel_diff = typical_rel_diff(reference, integer)
         report.compared_batches = len(compare)
         check_agreement(report, min_agreement, max_rel_diff)
     return report
@@ -181,8 +202,11 @@ def check_agreement(report: QuantizationReport, min_agreement: float, max_rel_di
     problems = []
     if report.agreement is not None and report.agreement < min_agreement:
         problems.append(f"argmax agreement {report.agreement:.4%} is below min_agreement={min_agreement}")
-    if report.max_rel_diff is not None and report.max_rel_diff > max_rel_diff:
-        problems.append(f"relative max difference {report.max_rel_diff:.3g} is above max_rel_diff={max_rel_diff}")
+    if report.typical_rel_diff is not None and report.typical_rel_diff > max_rel_diff:
+        problems.append(
+            f"for {TYPICAL_SAMPLE_QUANTILE:.0%} of samples the relative difference is up to {report.typical_rel_diff:.3g}, "
+            f"above max_rel_diff={max_rel_diff}"
+        )
     if problems:
         raise IntegerMismatchError(
             "the integer model does not reproduce the fake-quantized model: "

@@ -34,6 +34,8 @@ class QuantizationReport:
     agreement: Optional[float] = None
     max_abs_diff: Optional[float] = None
     max_rel_diff: Optional[float] = None
+    #: Relative difference that 99% of the compared samples stay within.
+    typical_rel_diff: Optional[float] = None
     compared_batches: int = 0
     integer_metrics: dict[str, float] = field(default_factory=dict)
 
@@ -92,7 +94,8 @@ class QuantizationReport:
             agreement = "n/a" if self.agreement is None else f"{100 * self.agreement:.2f}%"
             lines.append(
                 f"integer vs fake-quantized on {self.compared_batches} batches: argmax agreement {agreement}, "
-                f"max |diff| {self.max_abs_diff:.3g} (relative {self.max_rel_diff:.3g})"
+                f"max |diff| {self.max_abs_diff:.3g} (relative {self.max_rel_diff:.3g}; "
+                f"99% of samples within {self.typical_rel_diff or 0.0:.3g})"
             )
         if self.integer_metrics:
             lines.append(

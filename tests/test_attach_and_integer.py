@@ -148,3 +148,15 @@ def test_report_counts_bits_and_storage():
     table = report.table()
     for name in ("stem", "blocks.0.inner.0", "head", "average weight bits"):
         assert name in table
+
+
+def test_typical_difference_ignores_a_few_flipped_codes_but_not_a_shifted_model():
+    from lightning_nipq.hard_quantize import typical_rel_diff
+
+    torch.manual_seed(0)
+    reference = [torch.randn(100, 10) for _ in range(5)]
+    flipped = [r.clone() for r in reference]
+    flipped[2][7, 3] += 0.5  # one sample of 500: a code flip's worth
+    assert typical_rel_diff(reference, flipped) < 1e-6
+    shifted = [r * 1.05 for r in reference]  # every sample off, as a bypassed layer does
+    assert typical_rel_diff(reference, shifted) > 1e-2
