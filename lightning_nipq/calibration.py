@@ -21,16 +21,15 @@ MAX_SAMPLES = 1 << 20
 Reducer = Callable[[Tensor], Tensor]
 
 
-class ActivationObserver:
-    """Collects calibration statistics for a set of input quantizers."""
+class InputObserver:
+    """Base of the calibration observers: watches input quantizers and records their inputs.
 
-    def __init__(self, percentile: float = 99.9) -> None:
-        if not 0.0 < percentile <= 100.0:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-        self.percentile = percentile
-        self._sum: dict[int, float] = {}
-        self._count: dict[int, int] = {}
-        self._min: dict[int, float] = {}
+    A watched quantizer calls `observe` with each input while it is uncalibrated; the
+    observer notes the quantizer's size (its weight in the average bits) and hands the
+    flattened float32 input to `record`.
+    """
+
+    def __init__(self) -> None:
         self._quantizers: dict[int, BaseQuantizer] = {}
 
     def watch(self, quantizer: BaseQuantizer) -> None:
@@ -44,11 +43,29 @@ class ActivationObserver:
             return
         if quantizer.size == 0:
             quantizer.size = flat.numel()
+        self.record(id(quantizer), flat)
+
+    def record(self, key: int, flat: Tensor) -> None:
+        raise NotImplementedError
+
+
+class ActivationObserver(InputObserver):
+    """Collects calibration statistics for a set of input quantizers."""
+
+    def __init__(self, percentile: float = 99.9) -> None:
+        super().__init__()
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        self.percentile = percentile
+        self._sum: dict[int, float] = {}
+        self._count: dict[int, int] = {}
+        self._min: dict[int, float] = {}
+
+    def record(self, key: int, flat: Tensor) -> None:
         sample = flat
         if flat.numel() > MAX_SAMPLES:
             sample = flat[torch.randint(flat.numel(), (MAX_SAMPLES,), device=flat.device)]
         value = torch.quantile(sample.abs(), self.percentile / 100.0)
-        key = id(quantizer)
         self._sum[key] = self._sum.get(key, 0.0) + float(value)
         self._count[key] = self._count.get(key, 0) + 1
         self._min[key] = min(self._min.get(key, float("inf")), float(flat.min()))

@@ -15,11 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.attach import AttachResult, attach_quantizers, quantized_layers
-from lightning_nipq.calibration import MAX_SAMPLES, observe_inputs
+from lightning_nipq.calibration import MAX_SAMPLES, InputObserver, observe_inputs
 from lightning_nipq.fake_quant import integer_codes, num_levels
 from lightning_nipq.hard_quantize import InputFn, call_model
 from lightning_nipq.lsq import LSQConfig
-from lightning_nipq.quantizer_base import BaseQuantizer
 
 PTQ_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")
 #: Clipping ratios tried per stage of the MSE search (a coarse grid, then a fine one around its best).
@@ -97,7 +96,7 @@ def _check_method(method: str, percentile: float) -> None:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
 
 
-class RangeObserver:
+class RangeObserver(InputObserver):
     """Records the inputs of uncalibrated quantizers over the calibration batches and sets their ranges.
 
     Min-max takes ``max|x|`` over all batches, percentile the mean over batches of each
@@ -106,28 +105,17 @@ class RangeObserver:
     """
 
     def __init__(self, method: str, percentile: float = 99.99) -> None:
+        super().__init__()
         _check_method(method, percentile)
         self.method = method
         self.percentile = percentile
         self._generator = torch.Generator().manual_seed(0)  # the same calibration gives the same ranges
-        self._quantizers: dict[int, BaseQuantizer] = {}
         self._max: dict[int, float] = {}
         self._min: dict[int, float] = {}
         self._values: dict[int, list[float]] = {}
         self._samples: dict[int, list[Tensor]] = {}
 
-    def watch(self, quantizer: BaseQuantizer) -> None:
-        quantizer.observer = self
-        self._quantizers[id(quantizer)] = quantizer
-
-    @torch.no_grad()
-    def observe(self, quantizer: BaseQuantizer, x: Tensor) -> None:
-        flat = x.detach().reshape(-1).float()
-        if flat.numel() == 0:
-            return
-        if quantizer.size == 0:
-            quantizer.size = flat.numel()
-        key = id(quantizer)
+    def record(self, key: int, flat: Tensor) -> None:
         self._max[key] = max(self._max.get(key, 0.0), float(flat.abs().max()))
         self._min[key] = min(self._min.get(key, float("inf")), float(flat.min()))
         if self.method == "percentile":

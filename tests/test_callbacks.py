@@ -153,13 +153,11 @@ class ManualMLP(MLP):
 
 def test_manual_optimisation_uses_the_public_bit_loss():
     model = ManualMLP()
-    theta_before = model_theta = None
     nipq = NIPQCallback(target_bits=3, hard_epochs=0, quantizer_lr_factor=10.0, calibration_batches=1)
     _fit(model, [nipq], epochs=3, val=False)
     w, _ = weight_and_act_average_bits(model)
     assert float(w) <= 3.0 + 1e-6
-    assert theta_before is model_theta  # no wrapper was installed for manual optimisation
-    assert "training_step" not in vars(model)
+    assert "training_step" not in vars(model)  # no wrapper was installed for manual optimisation
 
 
 def test_manual_optimisation_without_bit_loss_is_an_error():
@@ -175,16 +173,18 @@ def test_distillation_adds_a_teacher_loss_and_keeps_the_teacher_frozen():
 
     class Probe(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.setdefault("total", float(outputs["loss"]))
+            # the step's own logits give its task loss; the rest of the loss is distillation
+            task = float(F.cross_entropy(outputs["logits"], batch[1]))
+            losses["distillation"] = max(losses.get("distillation", 0.0), float(outputs["loss"]) - task)
 
     nipq = NIPQCallback(target_bits=4, hard_epochs=0, reg_weight=0.0, distillation=True, distillation_weight=2.0)
     _fit(model, [nipq, Probe()], epochs=1, val=False)
     teacher = nipq._distiller.teacher
     assert not any(isinstance(m, QuantizedLayerMixin) for m in teacher.modules())
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in initial.items())
-    # the first step's loss is the task loss plus a non-zero distillation term
-    x, y = blobs(256).tensors
-    assert losses["total"] > 0
+    # each step's loss is the task loss plus a distillation term (reg_weight=0), which grows
+    # as the quantized student drifts from the float teacher
+    assert losses["distillation"] > 1e-4
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from models import MLP, GroupedConvNet, blobs, fast_trainer, image_blobs, loader
-from resume_setup import ScheduledMLP, run
+from resume_setup import run
 
 from lightning_nipq import HardQuantize, NIPQCallback, quantizers
 from lightning_nipq.checkpoint import CheckpointMismatchError, NIPQCheckpointMixin, load_nipq_checkpoint
