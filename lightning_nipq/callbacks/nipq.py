@@ -354,10 +354,6 @@ class NIPQCallback(Callback):
         share = self.schedule.hard_share(epoch, progress)
         layers = self._layers
         hard_count = self.schedule.hard_layer_count(share, len(layers))
-        if self.schedule.phase(epoch) == "hard" and any(
-            q is not None and q.learns_bits and q.calibrated for pair in self._pairs() for q in pair
-        ):
-            self.finalize_bits(pl_module)
         blend = self.schedule.phase(epoch) == "anneal"
         for index, layer in enumerate(layers):
             mode = "hard" if index < hard_count else "noise"
@@ -373,12 +369,20 @@ class NIPQCallback(Callback):
             q.flush_observations()
         if self._observer is not None and self._observer.batches_seen >= self.calibration_batches:
             self._finish_calibration(trainer)
+            if self._phase(pl_module) == "hard":  # inputs calibrated inside the hard phase freeze now
+                self.finalize_bits(pl_module)
         if not pl_module.automatic_optimization and self._bit_loss_calls == 0 and self._phase(pl_module) != "hard":
             raise RuntimeError(
                 "NIPQCallback: with manual optimisation, add lightning_nipq.bit_loss(self) to the loss you "
                 "backpropagate in training_step; the bit budget is not applied otherwise"
             )
         self._log_bits(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Bits freeze when the hard phase starts: always at an epoch boundary, so nothing
+        # needs checking per step. Idempotent, so a resumed hard epoch is unaffected.
+        if self._phase(pl_module) == "hard":
+            self.finalize_bits(pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # An epoch shorter than calibration_batches still ends calibration.
