@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import lightning_nipq
-from lightning_nipq import HardQuantize, LSQCallback, NIPQCallback
+from lightning_nipq import FlatnessNoise, HardQuantize, LSQCallback, NIPQCallback, RobustQuantization
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def documented_args(cls: type) -> dict[str, str]:
     return args
 
 
-@pytest.mark.parametrize("cls", [NIPQCallback, LSQCallback, HardQuantize])
+@pytest.mark.parametrize("cls", [NIPQCallback, LSQCallback, HardQuantize, RobustQuantization, FlatnessNoise])
 def test_api_page_documents_every_callback_argument(site, cls):
     text = page_text(site / "api.html")
     args = documented_args(cls)

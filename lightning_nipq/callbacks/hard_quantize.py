@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -37,7 +38,9 @@ class HardQuantize(Callback):
 
     1. freezes every quantizer at its whole bit-width (through `NIPQCallback`, so the
        bits meet its budget) and switches to hard quantization;
-    2. optionally re-estimates BatchNorm statistics on ``bn_batches`` training batches;
+    2. optionally re-estimates BatchNorm statistics on ``bn_batches`` training batches, or
+       on the batches you give (e.g. calibration images generated without the training data,
+       see `lightning_nipq.synthetic_data.generate_calibration_data`);
     3. converts every quantized layer into an integer layer (integer weight codes and a
        scale; inputs quantized to codes; the matmul or convolution computed exactly on codes);
     4. compares the integer model with the fake-quantized one on ``compare_batches``
@@ -48,7 +51,9 @@ class HardQuantize(Callback):
     6. prints the per-layer report on rank zero and keeps it as `report`.
 
     Args:
-        bn_batches: training batches for BatchNorm re-estimation (0 turns it off).
+        bn_batches: how many training batches to re-estimate BatchNorm on (0 turns it off), or
+            an iterable of batches to use instead (a list of tensors, a DataLoader), moved to the
+            model's device; a one-shot iterator is read into a list at once.
         compare_batches: validation batches for the integer-versus-fake-quantized check.
         min_agreement: lowest acceptable argmax agreement between the two.
         max_rel_diff: highest acceptable ``|diff| / max |output|`` for 99% of the compared
@@ -71,7 +76,7 @@ class HardQuantize(Callback):
 
     def __init__(
         self,
-        bn_batches: int = 0,
+        bn_batches: Union[int, Iterable[Any]] = 0,
         compare_batches: int = 8,
         min_agreement: float = 0.999,
         max_rel_diff: float = 1e-3,
@@ -80,8 +85,7 @@ class HardQuantize(Callback):
         verbose: bool = True,
         save_figure: bool = True,
     ) -> None:
-        if not isinstance(bn_batches, int) or bn_batches < 0:
-            raise ValueError(f"bn_batches must be a whole number >= 0, got {bn_batches!r}")
+        bn_batches = _check_bn_batches(bn_batches)
         if not isinstance(compare_batches, int) or compare_batches < 0:
             raise ValueError(f"compare_batches must be a whole number >= 0, got {compare_batches!r}")
         if not 0.0 <= min_agreement <= 1.0:
@@ -126,12 +130,15 @@ class HardQuantize(Callback):
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, NIPQCallback):
                 callback.finalize_bits(pl_module)
-        if self.bn_batches:
+        if not isinstance(self.bn_batches, int) or self.bn_batches:
             freeze_quantizers(pl_module)
-            bn = self._batches(trainer, trainer.train_dataloader, self.bn_batches)
+            if isinstance(self.bn_batches, int):
+                bn = self._batches(trainer, trainer.train_dataloader, self.bn_batches)
+            else:
+                bn = self._batches(trainer, self.bn_batches, None)
             recalibrate_batchnorm(pl_module, bn, self.input_fn)
-            # Under DDP each process saw its own batches: average the statistics so that every
-            # process converts the same model (that of one process seeing all the batches).
+            # Under DDP each process saw its own batches (or the same given ones): average the statistics
+            # so that every process converts the same model (that of one process seeing all the batches).
             _average_batchnorm_statistics(trainer, pl_module)
         compare = self._batches(trainer, self._compare_loader(trainer), self.compare_batches)
         # The tolerances are checked below on figures combined over all processes, so that
@@ -166,7 +173,8 @@ class HardQuantize(Callback):
         return val if val is not None else trainer.train_dataloader
 
     @staticmethod
-    def _batches(trainer: Trainer, loader: Any, count: int) -> list[Any]:
+    def _batches(trainer: Trainer, loader: Any, count: Optional[int]) -> list[Any]:
+        """The first ``count`` batches of ``loader`` (all of them for None), on the model's device."""
         if loader is None or count == 0:
             return []
         with torch.no_grad():
@@ -190,6 +198,29 @@ class HardQuantize(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"converted": self.report is not None}
+
+
+def _check_bn_batches(bn_batches: Any) -> Union[int, Iterable[Any]]:
+    if isinstance(bn_batches, int):
+        if bn_batches < 0:
+            raise ValueError(f"bn_batches must be a whole number >= 0 or an iterable of batches, got {bn_batches!r}")
+        return bn_batches
+    if isinstance(bn_batches, torch.Tensor):
+        raise ValueError(
+            "bn_batches got one tensor, which would be iterated sample by sample: pass a list of batches, "
+            "e.g. list(images.split(64)) or lightning_nipq.calibration_data.as_batches(images, 64)"
+        )
+    if isinstance(bn_batches, (str, bytes, Mapping)) or not isinstance(bn_batches, Iterable):
+        raise ValueError(
+            "bn_batches must be a count of training batches (a whole number >= 0) or an iterable of input "
+            f"batches (a list of tensors, a DataLoader), got {type(bn_batches).__name__}"
+        )
+    if isinstance(bn_batches, Iterator):
+        # A generator would be used up by the first fit and leave a later one nothing.
+        bn_batches = list(bn_batches)
+    if isinstance(bn_batches, Sized) and len(bn_batches) == 0:
+        raise ValueError("bn_batches is empty: give at least one batch, or bn_batches=0 to turn re-estimation off")
+    return bn_batches
 
 
 def _average_batchnorm_statistics(trainer: Trainer, model: nn.Module) -> None:
