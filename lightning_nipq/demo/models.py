@@ -1,4 +1,4 @@
-"""The demo's LightningModule: a small CNN with BatchNorm."""
+"""The demo's LightningModules: a classification base and a small CNN with BatchNorm."""
 
 from __future__ import annotations
 
@@ -11,31 +11,19 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 
-class SmallCNN(LightningModule):
-    """Three conv-BN-ReLU blocks, global average pooling and a linear classifier."""
+class ImageClassifier(LightningModule):
+    """Cross-entropy training, accuracy on validation and test, AdamW with a cosine schedule over ``epochs``.
 
-    def __init__(self, num_classes: int = 10, width: int = 32, lr: float = 2e-3, weight_decay: float = 1e-4, epochs: int = 10) -> None:
+    Subclasses build their layers after calling ``super().__init__`` and define ``forward``.
+    """
+
+    def __init__(self, num_classes: int = 10, lr: float = 2e-3, weight_decay: float = 1e-4, epochs: int = 10) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1, bias=False),
-            nn.BatchNorm2d(w),
-            nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(),
-        )
-        self.classifier = nn.Linear(2 * w, num_classes)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x).mean(dim=(2, 3)))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
@@ -54,6 +42,31 @@ class SmallCNN(LightningModule):
         self.log("test_acc", self.test_acc)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.hparams.epochs, 1))
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.epochs, 1))
         return {"optimizer": opt, "lr_scheduler": sched}
+
+
+class SmallCNN(ImageClassifier):
+    """Three conv-BN-ReLU blocks, global average pooling and a linear classifier."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, lr: float = 2e-3, weight_decay: float = 1e-4, epochs: int = 10) -> None:
+        super().__init__(num_classes, lr, weight_decay, epochs)
+        self.save_hyperparameters()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3)))

@@ -1,0 +1,144 @@
+"""The benchmarked models: a ResNet-style CNN with BatchNorm and a small vision transformer.
+
+Every matrix multiply with a weight is an ``nn.Linear`` or ``nn.Conv2d``, so every one is
+quantized: the transformer computes its attention projections with plain linears rather
+than ``nn.MultiheadAttention``, whose packed projection the package leaves in float.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_nipq.demo.models import ImageClassifier
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetStyle(ImageClassifier):
+    """A CIFAR-style ResNet: a 3x3 stem, ``blocks`` basic blocks per stage, widths ``width * (1, 2, 4)``.
+
+    ``blocks=(2, 2, 2, 2)`` with ``width=64`` and ``stem_stride=4`` is ResNet-18's layout
+    (without the stem's max-pool), the size the GPU cost benchmark times.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 16,
+        blocks: tuple[int, ...] = (1, 1, 1),
+        stem_stride: int = 1,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        epochs: int = 10,
+    ) -> None:
+        super().__init__(num_classes, lr, weight_decay, epochs)
+        self.save_hyperparameters()
+        stem_kernel = 3 if stem_stride == 1 else 7
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, stem_kernel, stride=stem_stride, padding=stem_kernel // 2, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        layers: list[nn.Module] = []
+        channels = width
+        for stage, count in enumerate(blocks):
+            out_channels = width * 2**stage
+            for index in range(count):
+                stride = 2 if stage > 0 and index == 0 else 1
+                layers.append(BasicBlock(channels, out_channels, stride))
+                channels = out_channels
+        self.stages = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.stages(self.stem(x)).mean(dim=(2, 3)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v linear and an output linear."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: LayerNorm, attention, LayerNorm, GELU MLP, both residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class SmallViT(ImageClassifier):
+    """A small vision transformer: conv patch embedding, learned positions, ``depth`` blocks, mean-pooled head."""
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        patch_size: int = 7,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: int = 2,
+        lr: float = 2e-3,
+        weight_decay: float = 5e-2,
+        epochs: int = 10,
+    ) -> None:
+        super().__init__(num_classes, lr, weight_decay, epochs)
+        self.save_hyperparameters()
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+        tokens = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) / math.sqrt(dim))
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))

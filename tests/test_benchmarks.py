@@ -1,0 +1,59 @@
+"""Smoke runs of the benchmark scripts at tiny sizes, so that they cannot rot."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import accuracy, cost
+from benchmarks.reporting import write_section
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nhand-written intro\n")
+    write_section("a", "first", doc)
+    write_section("b", "other", doc)
+    write_section("a", "second", doc)
+    text = doc.read_text()
+    assert "hand-written intro" in text and "other" in text and "second" in text and "first" not in text
+    assert text.count("<!-- begin a -->") == 1
+
+
+def _rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_smoke(tmp_path, capsys):
+    doc = tmp_path / "benchmarks.md"
+    argv = ["--data", "digits", "--train-samples", "192", "--batch-size", "64", "--float-epochs", "1", "--qat-epochs", "2"]
+    argv += ["--bits", "2", "--mixed", "3", "--doc", str(doc)]
+    assert accuracy.main(argv) == 0
+    text = doc.read_text()
+    assert "<!-- begin accuracy -->" in text and "python -m benchmarks.accuracy --data digits" in text
+    assert (tmp_path / "benchmarks_accuracy.png").stat().st_size > 0
+    rows = {(r[0], r[1], r[2]): r for r in _rows(text)[1:]}
+    assert len(rows) == 2 * 5  # float, PTQ, LSQ, NIPQ, NIPQ mixed for each model
+    for model in ("ResNetStyle", "SmallViT"):
+        for method in ("PTQ (mse)", "LSQ", "NIPQ"):
+            row = rows[(model, method, "W2A2")]
+            assert row[3] == "2.00" and row[4] == "2.00" and row[8] == "yes"  # bits as asked, integer model validated
+        mixed = rows[(model, "NIPQ mixed", "avg 3")]
+        assert float(mixed[3]) <= 3.0 and float(mixed[4]) <= 3.0 and mixed[8] == "yes"  # the budget holds
+        assert all(0.0 <= float(rows[k][5]) <= 100.0 for k in rows if k[0] == model)
+
+
+@pytest.mark.slow
+def test_cost_benchmark_smoke(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    argv = ["--batch-size", "8", "--steps", "2", "--warmup", "2", "--doc", str(doc), "--section", "cost-smoke"]
+    assert cost.main(argv) == 0
+    rows = {r[0]: r for r in _rows(doc.read_text())[1:]}
+    assert set(rows) == set(cost.VARIANTS)
+    assert rows["float"][1] == "1.00x" and rows["float"][3] == "1.00x"
+    ratio = lambda cell: float(re.sub("x$", "", cell))  # noqa: E731
+    # Fake quantization keeps its inputs (and NIPQ its noise) for backward: more memory than float.
+    for variant in ("NIPQ noise", "NIPQ hard", "LSQ"):
+        assert ratio(rows[variant][3]) > 1.0 and ratio(rows[variant][1]) > 0.0
