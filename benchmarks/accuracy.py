@@ -57,6 +57,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=["ptq", "lsq", "nipq", "mixed"], default=["ptq", "lsq", "nipq", "mixed"])
     parser.add_argument("--ptq-method", choices=["minmax", "percentile", "mse"], default="mse")
     parser.add_argument("--nipq-lr-factor", type=float, default=50.0, help="NIPQ quantizer learning-rate factor")
+    parser.add_argument("--nipq-fixed-lr-factor", type=float, default=10.0, help="the same for NIPQ at fixed bits")
+    parser.add_argument("--nipq-weight-init", choices=["max", "mse"], default="max", help="NIPQ's starting weight range")
     parser.add_argument("--lsq-lr-factor", type=float, default=1.0, help="LSQ step-size learning-rate factor")
     parser.add_argument("--noise", choices=["uniform", "histogram"], default="uniform")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the quantized runs (float: the first)")
@@ -67,6 +69,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--doc", type=Path, default=DOC_PATH, help="Markdown file to write the table and plot into")
     parser.add_argument("--no-doc", action="store_true", help="print only")
     parser.add_argument("--section", default=SECTION, help="name of the generated section in --doc")
+    parser.add_argument("--no-plot", action="store_true", help="write the table without a plot")
     args = parser.parse_args(argv)
     if args.train_samples is not None and args.train_samples < 1:
         parser.error("--train-samples must be >= 1")
@@ -101,11 +104,23 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
                     cb = runs.lsq(bits, quantizer_lr_factor=args.lsq_lr_factor)
                     record(runs.run_qat(float_model, data, cb, "LSQ", f"W{bits}A{bits}", args.qat_epochs, args.qat_lr, seed))
                 if "nipq" in args.methods:
-                    cb = runs.nipq_fixed(bits, args.hard_epochs, noise=args.noise)
+                    cb = runs.nipq_fixed(
+                        bits,
+                        args.hard_epochs,
+                        noise=args.noise,
+                        quantizer_lr_factor=args.nipq_fixed_lr_factor,
+                        weight_init=args.nipq_weight_init,
+                    )
                     record(runs.run_qat(float_model, data, cb, "NIPQ", f"W{bits}A{bits}", args.qat_epochs, args.qat_lr, seed))
             if "mixed" in args.methods:
                 for target in args.mixed:
-                    cb = runs.nipq_mixed(target, args.hard_epochs, noise=args.noise, quantizer_lr_factor=args.nipq_lr_factor)
+                    cb = runs.nipq_mixed(
+                        target,
+                        args.hard_epochs,
+                        noise=args.noise,
+                        quantizer_lr_factor=args.nipq_lr_factor,
+                        weight_init=args.nipq_weight_init,
+                    )
                     record(runs.run_qat(float_model, data, cb, "NIPQ mixed", f"avg {target:g}", args.qat_epochs, args.qat_lr, seed))
     return results
 
@@ -144,7 +159,7 @@ def table(results: list[runs.Result]) -> str:
                 _mean_spread(accs),
                 f"{100 * (statistics.fmean(accs) - float_acc[model]):+.2f}" if quantized and model in float_acc else "",
                 f"{statistics.fmean(r.size_kib for r in group):.1f}" if quantized else "",
-                "yes" if all(r.validated for r in group) else "**no**",
+                runs.check_cell(group),
                 f"{statistics.fmean(r.seconds for r in group):.0f}",
             ]
         )
@@ -201,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(text)
     if args.no_doc:
         return 0
-    figure = plot(results, args.doc.with_name(f"benchmarks_{args.section}.png"))
+    figure = None if args.no_plot else plot(results, args.doc.with_name(f"benchmarks_{args.section}.png"))
     samples = "all 60,000" if args.train_samples is None else f"the first {args.train_samples:,}"
     body = "\n\n".join(
         [

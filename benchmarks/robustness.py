@@ -233,7 +233,7 @@ def _cell(results: list[runs.Result], bits: Optional[int] = None) -> str:
 
 
 def _check(results: list[runs.Result]) -> str:
-    return "yes" if all(r.validated for r in results) else "**no**"
+    return runs.check_cell(list(results))
 
 
 def robust_table(outcome: Outcome, args: argparse.Namespace) -> str:

@@ -50,6 +50,9 @@ class Result:
     act_bits: float = 32.0
     size_kib: float = 0.0
     validated: bool = True
+    #: Integer against fake-quantized model: argmax agreement, and the relative difference 99% of samples stay within.
+    agreement: float = 1.0
+    typical_rel_diff: float = 0.0
     seconds: float = 0.0
     seed: int = 0
 
@@ -132,9 +135,20 @@ def _result(model: ImageClassifier, method: str, setting: str, report: Quantizat
         act_bits=report.avg_act_bits or 32.0,
         size_kib=report.quantized_bytes / 1024,
         validated=validated,
+        agreement=report.agreement if report.agreement is not None else 1.0,
+        typical_rel_diff=report.typical_rel_diff or 0.0,
         seconds=time.perf_counter() - start,
         seed=seed,
     )
+
+
+def check_cell(results: list[Result]) -> str:
+    """"yes" when every integer model passed HardQuantize's default check, else the worst figures."""
+    if all(r.validated for r in results):
+        return "yes"
+    agreement = min(r.agreement for r in results)
+    diff = max(r.typical_rel_diff for r in results)
+    return f"**no**: agreement {100 * agreement:.1f}%, p99 rel. diff {diff:.1e}"
 
 
 def run_ptq(

@@ -28,7 +28,12 @@ class QuantizerFactory(Protocol):
 
 @dataclass
 class QuantizerConfig:
-    """How NIPQ quantizers are built. ``weight_bits``/``act_bits`` freeze the bit-width."""
+    """How NIPQ quantizers are built. ``weight_bits``/``act_bits`` freeze the bit-width.
+
+    ``weight_init`` sets each weight's starting range: ``"max"`` (``max|W|``) or ``"mse"`` (the
+    clipping minimising the rounding MSE at the starting bit-width: the fixed bits, else the
+    rounded initial bits).
+    """
 
     min_bits: int = 2
     max_bits: int = 8
@@ -37,6 +42,7 @@ class QuantizerConfig:
     act_bits: Optional[int] = None
     noise: str = "uniform"
     stochastic_bits: bool = True
+    weight_init: str = "max"
 
     def make(self, fixed: Optional[int], init_alpha: float, calibrated: bool, signed: bool) -> NIPQQuantizer:
         lo, hi = (fixed, fixed) if fixed is not None else (self.min_bits, self.max_bits)
@@ -53,8 +59,16 @@ class QuantizerConfig:
         )
 
     def weight_quantizer(self, weight: Tensor) -> NIPQQuantizer:
-        """A quantizer for ``weight``, starting with ``alpha = max|W|``."""
+        """A quantizer for ``weight``, its range started by ``weight_init``."""
         init_alpha = float(weight.detach().abs().max().clamp_min(1e-8))
+        if self.weight_init == "mse":
+            from lightning_nipq.ptq import mse_alpha  # ptq builds on this module
+
+            bits = self.weight_bits
+            if bits is None:
+                start = self.init_bits if self.init_bits is not None else self.max_bits - 0.5
+                bits = max(round(start), self.min_bits)
+            init_alpha = max(mse_alpha(weight, bits, signed=True), 1e-8)
         return self.make(self.weight_bits, init_alpha=init_alpha, calibrated=True, signed=True)
 
     def input_quantizer(self) -> NIPQQuantizer:

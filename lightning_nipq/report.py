@@ -37,6 +37,10 @@ class QuantizationReport:
     #: Relative difference that 99% of the compared samples stay within.
     typical_rel_diff: Optional[float] = None
     compared_batches: int = 0
+    #: Each converted layer against its fake-quantized self on the same recorded input (relative max difference).
+    layer_rel_diffs: dict[str, float] = field(default_factory=dict)
+    #: Quantized layers the model's forward did not call during the comparison (bypassed or unused).
+    uncalled_layers: list[str] = field(default_factory=list)
     integer_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -96,6 +100,16 @@ class QuantizationReport:
                 f"integer vs fake-quantized on {self.compared_batches} batches: argmax agreement {agreement}, "
                 f"max |diff| {self.max_abs_diff:.3g} (relative {self.max_rel_diff:.3g}; "
                 f"99% of samples within {self.typical_rel_diff or 0.0:.3g})"
+            )
+        if self.layer_rel_diffs:
+            lines.append(
+                f"each integer layer against its fake-quantized self on the same input: relative difference up to "
+                f"{max(self.layer_rel_diffs.values()):.3g} over {len(self.layer_rel_diffs)} layers"
+            )
+        if self.uncalled_layers:
+            lines.append(
+                "not called by forward during the comparison (quantization bypassed, or unused): "
+                + ", ".join(self.uncalled_layers)
             )
         if self.integer_metrics:
             lines.append(

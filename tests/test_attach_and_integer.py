@@ -160,3 +160,28 @@ def test_typical_difference_ignores_a_few_flipped_codes_but_not_a_shifted_model(
     assert typical_rel_diff(reference, flipped) < 1e-6
     shifted = [r * 1.05 for r in reference]  # every sample off, as a bypassed layer does
     assert typical_rel_diff(reference, shifted) > 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_weight_init_starts_at_the_least_rounding_error(bits):
+    from lightning_nipq import QuantizerConfig, choose_alpha, quantization_mse
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32) * 0.1
+    weight[0, 0] = 1.0  # one outlier: max|W| wastes most levels on it
+    by_max = QuantizerConfig(weight_bits=bits).weight_quantizer(weight)
+    by_mse = QuantizerConfig(weight_bits=bits, weight_init="mse").weight_quantizer(weight)
+    assert float(by_max.alpha) == pytest.approx(1.0, rel=1e-5)
+    assert float(by_mse.alpha) == pytest.approx(choose_alpha(weight, bits, signed=True, method="mse"), rel=1e-5)
+    errors = quantization_mse(weight, torch.tensor([float(by_max.alpha), float(by_mse.alpha)]), bits, signed=True)
+    assert errors[1] < 0.5 * errors[0]
+    # learned bits: the MSE range is taken at the rounded starting bit-width
+    learned = QuantizerConfig(max_bits=4, init_bits=3.4, weight_init="mse").weight_quantizer(weight)
+    assert float(learned.alpha) == pytest.approx(choose_alpha(weight, 3, signed=True, method="mse"), rel=1e-5)
+
+
+def test_nipq_callback_rejects_an_unknown_weight_init():
+    from lightning_nipq import NIPQCallback
+
+    with pytest.raises(ValueError, match="weight_init must be one of"):
+        NIPQCallback(weight_init="percentile")

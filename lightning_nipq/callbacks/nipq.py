@@ -26,6 +26,8 @@ from lightning_nipq.schedule import PhaseSchedule
 
 log = logging.getLogger(__name__)
 
+#: Ways to start a weight's range (see `lightning_nipq.QuantizerConfig`).
+WEIGHT_INITS = ("max", "mse")
 #: Learned bits further above the target than this when freezing get a warning.
 UNMET_BUDGET_WARNING = 0.5
 
@@ -73,6 +75,8 @@ class NIPQCallback(Callback):
             input quantization starts.
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
         init_bits: starting learned bit-width (default ``max_bits - 0.5``).
+        weight_init: starting weight range: ``"max"`` (``max|W|``) or ``"mse"`` (the clipping
+            with the least rounding error at the starting bit-width; helps fixed low bits).
         distillation: distil from a frozen copy of the float model taken at setup.
         distillation_weight: weight of the distillation loss.
         distillation_temperature: softmax temperature of the distillation loss.
@@ -112,12 +116,15 @@ class NIPQCallback(Callback):
         calibration_batches: int = 4,
         calibration_percentile: float = 99.9,
         init_bits: Optional[float] = None,
+        weight_init: str = "max",
         distillation: bool = False,
         distillation_weight: float = 1.0,
         distillation_temperature: float = 1.0,
         log_per_layer: bool = True,
     ) -> None:
         _check_bits(min_bits, max_bits, target_bits, target_act_bits, weight_bits, act_bits, init_bits)
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         if noise not in NOISE_KINDS:
@@ -150,6 +157,7 @@ class NIPQCallback(Callback):
             act_bits=act_bits,
             noise=noise,
             stochastic_bits=stochastic_bits,
+            weight_init=weight_init,
         )
         self.hard_epochs = hard_epochs
         self.anneal_epochs = anneal_epochs
