@@ -1,6 +1,6 @@
 """Accuracy at 2, 3 and 4 bits: PTQ, LSQ and NIPQ from one float checkpoint, on Fashion-MNIST.
 
-    python -m benchmarks.accuracy                 # the reduced CPU run (one seed, about 25 minutes on 2 cores)
+    python -m benchmarks.accuracy                 # the reduced CPU run (one seed; 39 minutes on 2 shared cores)
     python -m benchmarks.accuracy --seeds 0 1 2   # mean and spread over seeds (a GPU run)
 
 For each model (a ResNet-style CNN with BatchNorm and a small vision transformer) the float
@@ -52,12 +52,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--qat-epochs", type=int, default=3, help="epochs of LSQ and of NIPQ (including its hard epochs)")
     parser.add_argument("--hard-epochs", type=int, default=1, help="NIPQ's final epochs of hard quantization")
     parser.add_argument("--qat-lr", type=float, default=1e-3, help="weight learning rate of LSQ and NIPQ (cosine to 0)")
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="uniform WbAb settings")
+    parser.add_argument("--bits", type=int, nargs="*", default=[4, 3, 2], help="uniform WbAb settings")
     parser.add_argument("--mixed", type=float, nargs="*", default=[4.0, 3.0, 2.5], help="NIPQ mixed-precision averages")
     parser.add_argument("--methods", nargs="+", choices=["ptq", "lsq", "nipq", "mixed"], default=["ptq", "lsq", "nipq", "mixed"])
     parser.add_argument("--ptq-method", choices=["minmax", "percentile", "mse"], default="mse")
     parser.add_argument("--nipq-lr-factor", type=float, default=50.0, help="NIPQ quantizer learning-rate factor")
     parser.add_argument("--nipq-fixed-lr-factor", type=float, default=10.0, help="the same for NIPQ at fixed bits")
+    parser.add_argument("--nipq-max-bits", type=int, default=8, help="NIPQ mixed: highest learnable bits (start: half a bit under)")
     parser.add_argument("--nipq-weight-init", choices=["max", "mse"], default="max", help="NIPQ's starting weight range")
     parser.add_argument("--lsq-lr-factor", type=float, default=1.0, help="LSQ step-size learning-rate factor")
     parser.add_argument("--noise", choices=["uniform", "histogram"], default="uniform")
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
                         noise=args.noise,
                         quantizer_lr_factor=args.nipq_lr_factor,
                         weight_init=args.nipq_weight_init,
+                        max_bits=args.nipq_max_bits,
                     )
                     record(runs.run_qat(float_model, data, cb, "NIPQ mixed", f"avg {target:g}", args.qat_epochs, args.qat_lr, seed))
     return results
