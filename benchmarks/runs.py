@@ -161,11 +161,13 @@ def run_ptq(
     calibration: Optional[list[Any]] = None,
     act_bits: Optional[int] = None,
     name: Optional[str] = None,
+    reestimate_bn: bool = True,
 ) -> Result:
     """Post-training quantization at W``bits``A``act_bits``; BatchNorm re-estimated on the calibration batches.
 
     The calibration batches are the first ``calibration_batches`` training batches unless
-    ``calibration`` (batches of inputs, or of inputs and labels) is given.
+    ``calibration`` (batches of inputs, or of inputs and labels) is given. With
+    ``reestimate_bn=False`` BatchNorm keeps the float model's running statistics.
     """
     seed_everything(seed, verbose=False)
     model = copy.deepcopy(float_model)
@@ -174,7 +176,13 @@ def run_ptq(
     if calibration is None:
         calibration = _batches(data.train_dataloader(), calibration_batches)
     post_training_quantize(model, calibration, weight_bits=bits, act_bits=act_bits, method=method)
-    report = hard_quantize(model, bn_batches=calibration, compare_batches=calibration[:8], min_agreement=0.0, max_rel_diff=math.inf)
+    report = hard_quantize(
+        model,
+        bn_batches=calibration if reestimate_bn else None,
+        compare_batches=calibration[:8],
+        min_agreement=0.0,
+        max_rel_diff=math.inf,
+    )
     return _result(model, name or f"PTQ ({method})", f"W{bits}A{act_bits}", report, data, start, seed)
 
 

@@ -57,7 +57,7 @@ def test_robustness_benchmark_smoke(tmp_path):
     # Table 2: a row per calibration source, all three label modes of the generator among them.
     header, *rows = tables["calibration data"]
     assert header[1:3] == ptq_columns and header[-1] == "making the set s"
-    sources = [label for _, label, _ in robustness.SOURCES]
+    sources = [label + suffix for _, label, _ in robustness.SOURCES for suffix in (", BN re-estimated", ", float BN kept")]
     assert [r[0] for r in rows] == sources
     for row in rows:
         assert all(0.0 <= float(cell) <= 100.0 for cell in row[1:3])
