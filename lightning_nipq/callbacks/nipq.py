@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -15,6 +14,7 @@ from torch import Tensor
 from lightning_nipq.attach import QuantizerConfig, attach_quantizers, quantized_layers, quantizers
 from lightning_nipq.bit_budget import BUDGETS, BitBudget, average_bits, fit_bits_to_budget, pair_average_bits
 from lightning_nipq.calibration import ActivationObserver
+from lightning_nipq.callbacks.loss_injection import add_to_loss
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
 from lightning_nipq.distillation import Distiller, frozen_copy
@@ -252,18 +252,7 @@ class NIPQCallback(Callback):
         def training_step(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
             extra = self._extra_loss(pl_module)
-            if extra is None or output is None:
-                return output
-            if isinstance(output, Tensor):
-                return output + extra
-            if isinstance(output, Mapping) and "loss" in output:
-                output = dict(output)
-                output["loss"] = output["loss"] + extra
-                return output
-            raise TypeError(
-                "NIPQCallback adds its loss to what training_step returns, which must be a tensor or a dict "
-                f"with a 'loss' key, got {type(output).__name__}"
-            )
+            return output if extra is None else add_to_loss(output, extra, "NIPQCallback")
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
         self._wrapped_module = pl_module

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -13,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_nipq.attach import plan_layers
+from lightning_nipq.callbacks.loss_injection import add_to_loss
 from lightning_nipq.callbacks.strategy_support import check_strategy
 from lightning_nipq.saturation import (
     DEFAULT_SATURATION_SCALE,
@@ -163,17 +163,7 @@ class RobustQuantization(Callback):
             output = original(*args, **kwargs)
             if output is None:
                 return output
-            extra = self.symmetry_loss(self._module)  # type: ignore[arg-type]
-            if isinstance(output, Tensor):
-                return output + extra
-            if isinstance(output, Mapping) and "loss" in output:
-                output = dict(output)
-                output["loss"] = output["loss"] + extra
-                return output
-            raise TypeError(
-                "RobustQuantization adds its penalty to what training_step returns, which must be a tensor or a "
-                f"dict with a 'loss' key, got {type(output).__name__}"
-            )
+            return add_to_loss(output, self.symmetry_loss(self._module), "RobustQuantization")  # type: ignore[arg-type]
 
         return training_step
 
