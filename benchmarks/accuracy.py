@@ -1,6 +1,6 @@
 """Accuracy at 2, 3 and 4 bits: PTQ, LSQ and NIPQ from one float checkpoint, on Fashion-MNIST.
 
-    python -m benchmarks.accuracy                 # the reduced CPU run (one seed; 39 minutes on 2 shared cores)
+    python -m benchmarks.accuracy                 # the reduced CPU run (one seed; 14 minutes on 2 cores)
     python -m benchmarks.accuracy --seeds 0 1 2   # mean and spread over seeds (a GPU run)
 
 For each model (a ResNet-style CNN with BatchNorm and a small vision transformer) the float
