@@ -1,6 +1,6 @@
 """Robust float training and data-free calibration, measured by post-training quantization on Fashion-MNIST.
 
-    python -m benchmarks.robustness                              # the reduced CPU run (about 20-25 minutes on 2 cores)
+    python -m benchmarks.robustness                              # the reduced CPU run (25 minutes on a shared 2-core CPU, floats cached)
     python -m benchmarks.robustness --float-cache .float-cache   # keep the three float models for later runs
 
 Table 1 (robust float training): the ResNet-style model of benchmarks.accuracy is trained
