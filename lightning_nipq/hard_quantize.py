@@ -190,9 +190,10 @@ def hard_quantize(
     if bn_batches is not None:
         recalibrate_batchnorm(model, bn_batches, input_fn)
     compare = list(compare_batches) if compare_batches is not None else []
-    reference = _outputs(model, compare, input_fn) if compare else []
     names = [name for name, _ in quantized_layers(model)]
-    record = record_layers(model, lambda: _outputs(model, compare[:1], input_fn)) if compare else {}
+    reference: list[Tensor] = []
+    # The reference pass also records each layer's first call (from the first batch) for the layer check.
+    record = record_layers(model, lambda: reference.extend(_outputs(model, compare, input_fn))) if compare else {}
     report = convert_to_integer(model)
     if compare:
         integer = _outputs(model, compare, input_fn)

@@ -143,3 +143,17 @@ class TinyTransformer(LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def train_on_tensors(model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float = 1e-2, batch_size: int = 64) -> nn.Module:
+    """Plain Adam and cross-entropy over shuffled mini-batches (no Lightning); returns the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(y))
+        for i in range(0, len(y), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

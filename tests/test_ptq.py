@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from torch.nn import functional as F
+from models import train_on_tensors
 
 from lightning_nipq import (
     LSQQuantizer,
@@ -85,17 +85,7 @@ def digits_cnn():
     tx, ty, vx, vy = load_digits_split()
     mean, std = tx.mean(), tx.std()
     tx, vx = (tx - mean) / std, (vx - mean) / std
-    model = SmallCNN(width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(15):
-        order = torch.randperm(len(ty))
-        for i in range(0, len(ty), 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(model(tx[idx]), ty[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = train_on_tensors(SmallCNN(width=8), tx, ty, epochs=15)
     return model, list(tx.split(64))[:8], vx, vy, accuracy(model, vx, vy)
 
 

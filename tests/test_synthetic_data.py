@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from models import train_on_tensors
 from torch import nn
 from torch.nn import functional as F
 
@@ -51,17 +52,7 @@ def trained(digits):
     """A small CNN with BatchNorm trained for about a second on scikit-learn's digits."""
     torch.manual_seed(0)
     x, y, x_test, y_test = digits
-    model = digits_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(6):
-        order = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = train_on_tensors(digits_cnn(), x, y, epochs=6)
     assert accuracy(model, x_test, y_test) > 0.75
     for p in model.parameters():
         p.grad = None
