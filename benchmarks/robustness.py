@@ -35,10 +35,9 @@ from torch.utils.data import DataLoader
 from benchmarks import runs
 from benchmarks.accuracy import model_factory
 from benchmarks.reporting import DOC_PATH, command_line, environment, markdown_table, write_section
-from lightning_nipq.callbacks.flatness import FlatnessNoise
-from lightning_nipq.callbacks.robust_quantization import RobustQuantization
+from lightning_nipq import FlatnessNoise, RobustQuantization
+from lightning_nipq.data import generate_calibration_data
 from lightning_nipq.demo.data import ImageDataModule
-from lightning_nipq.synthetic_data import generate_calibration_data
 
 SECTION = "robustness"
 MODEL = "resnet"

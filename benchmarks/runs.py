@@ -21,10 +21,17 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_nipq import HardQuantize, LSQCallback, NIPQCallback, QuantizationReport, hard_quantize, post_training_quantize
+from lightning_nipq import (
+    HardQuantize,
+    LSQCallback,
+    NIPQCallback,
+    QuantizationReport,
+    hard_quantize,
+    post_training_quantize,
+)
+from lightning_nipq.convert import check_report
 from lightning_nipq.demo.data import ImageDataModule
 from lightning_nipq.demo.models import ImageClassifier
-from lightning_nipq.hard_quantize import check_agreement
 
 #: The integer model must agree with the fake-quantized one this well (HardQuantize's defaults).
 MIN_AGREEMENT = 0.999
@@ -122,7 +129,7 @@ def _batches(loader: DataLoader, count: int) -> list[Any]:
 
 def _result(model: ImageClassifier, method: str, setting: str, report: QuantizationReport, data: ImageDataModule, start: float, seed: int) -> Result:
     try:
-        check_agreement(report, MIN_AGREEMENT, MAX_REL_DIFF)
+        check_report(report, MIN_AGREEMENT, MAX_REL_DIFF)
         validated = True
     except RuntimeError:
         validated = False

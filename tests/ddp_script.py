@@ -36,7 +36,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 sys.path.insert(0, str(Path(__file__).parent))
 from models import GroupedConvNet, image_blobs, loader  # noqa: E402
 
-from lightning_nipq import HardQuantize, NIPQCallback, quantizers  # noqa: E402
+from lightning_nipq import HardQuantize, NIPQCallback
+from lightning_nipq.layers import quantizers  # noqa: E402
 
 EPOCHS = 4  # noise (calibration in its first batches), noise, anneal, hard
 BATCH = 16

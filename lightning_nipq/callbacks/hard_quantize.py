@@ -14,18 +14,16 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_nipq.callbacks.nipq import NIPQCallback
+from lightning_nipq.callbacks.module_hooks import find_callback, install_load_hook
+from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTraining
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
-from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
-from lightning_nipq.hard_quantize import (
-    InputFn,
-    check_agreement,
-    freeze_quantizers,
-    hard_quantize,
-    recalibrate_batchnorm,
-)
-from lightning_nipq.report import QuantizationReport
-from lightning_nipq.report_rendering import logger_directory, print_report, save_bit_allocation_figure
+from lightning_nipq.convert.comparison import check_report, check_tolerances
+from lightning_nipq.convert.report import QuantizationReport
+from lightning_nipq.convert.report_rendering import logger_directory, print_report, save_bit_allocation_figure
+from lightning_nipq.convert.steps import convert_and_compare, freeze_quantizers, recalibrate_batchnorm
+from lightning_nipq.layers.model_calls import InputFn
+from lightning_nipq.layers.model_walk import batchnorm_layers
+from lightning_nipq.saving.checkpoint import MANIFEST_KEY, quantization_manifest
 
 #: File name of the bit-allocation figure in the logger's directory.
 FIGURE_NAME = "nipq_bit_allocation.png"
@@ -36,25 +34,30 @@ class HardQuantize(Callback):
 
     At ``on_train_end`` (after the last checkpoint of the fit is written) it:
 
-    1. freezes every quantizer at its whole bit-width (through `NIPQCallback`, so the
-       bits meet its budget) and switches to hard quantization;
+    1. freezes every quantizer at its whole bit-width (through the quantization-aware-training
+       callback, so that `NIPQCallback`'s bits meet its budget) and switches to hard quantization;
     2. optionally re-estimates BatchNorm statistics on ``bn_batches`` training batches, or
        on the batches you give (e.g. calibration images generated without the training data,
-       see `lightning_nipq.synthetic_data.generate_calibration_data`);
+       see `lightning_nipq.data.generate_calibration_data`), averaged over DDP processes;
     3. converts every quantized layer into an integer layer (integer weight codes and a
-       scale; inputs quantized to codes; the matmul or convolution computed exactly on codes);
-    4. compares the integer model with the fake-quantized one on ``compare_batches``
-       validation batches and raises `lightning_nipq.IntegerMismatchError` if the
+       scale; inputs quantized to codes; the matmul or convolution computed exactly on codes)
+       and compares the integer model with the fake-quantized one on ``compare_batches``;
+    4. raises `lightning_nipq.IntegerMismatchError` if, combined over DDP processes, the
        argmax agreement is under ``min_agreement`` or the relative difference over
        ``max_rel_diff``;
     5. runs your ``validation_step`` on the integer model, so its metrics are logged;
     6. prints the per-layer report on rank zero and keeps it as `report`.
 
+    These are the steps of `lightning_nipq.hard_quantize`, with the same arguments; a count
+    of batches here means that many batches of the Trainer's loader.
+
     Args:
         bn_batches: how many training batches to re-estimate BatchNorm on (0 turns it off), or
             an iterable of batches to use instead (a list of tensors, a DataLoader), moved to the
             model's device; a one-shot iterator is read into a list at once.
-        compare_batches: validation batches for the integer-versus-fake-quantized check.
+        compare_batches: how many validation batches (training batches if there is no validation
+            loader) the integer model is compared on (0 turns the comparison off), or an iterable
+            of batches to use instead, as for ``bn_batches``.
         min_agreement: lowest acceptable argmax agreement between the two.
         max_rel_diff: highest acceptable ``|diff| / max |output|`` for 99% of the compared
             samples, end to end (each converted layer must also match its fake-quantized self
@@ -78,7 +81,7 @@ class HardQuantize(Callback):
     def __init__(
         self,
         bn_batches: Union[int, Iterable[Any]] = 0,
-        compare_batches: int = 8,
+        compare_batches: Union[int, Iterable[Any]] = 8,
         min_agreement: float = 0.999,
         max_rel_diff: float = 1e-2,
         input_fn: Optional[InputFn] = None,
@@ -86,15 +89,9 @@ class HardQuantize(Callback):
         verbose: bool = True,
         save_figure: bool = True,
     ) -> None:
-        bn_batches = _check_bn_batches(bn_batches)
-        if not isinstance(compare_batches, int) or compare_batches < 0:
-            raise ValueError(f"compare_batches must be a whole number >= 0, got {compare_batches!r}")
-        if not 0.0 <= min_agreement <= 1.0:
-            raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
-        if max_rel_diff <= 0:
-            raise ValueError(f"max_rel_diff must be > 0, got {max_rel_diff}")
-        self.bn_batches = bn_batches
-        self.compare_batches = compare_batches
+        self.bn_batches = _check_batches("bn_batches", bn_batches, "re-estimation")
+        self.compare_batches = _check_batches("compare_batches", compare_batches, "the comparison")
+        check_tolerances(min_agreement, max_rel_diff)
         self.min_agreement = min_agreement
         self.max_rel_diff = max_rel_diff
         self.input_fn = input_fn
@@ -128,27 +125,21 @@ class HardQuantize(Callback):
             checkpoint[MANIFEST_KEY] = quantization_manifest(pl_module, converted=self.report is not None)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, NIPQCallback):
-                callback.finalize_bits(pl_module)
-        if not isinstance(self.bn_batches, int) or self.bn_batches:
-            freeze_quantizers(pl_module)
-            if isinstance(self.bn_batches, int):
-                bn = self._batches(trainer, trainer.train_dataloader, self.bn_batches)
-            else:
-                bn = self._batches(trainer, self.bn_batches, None)
+        training = find_callback(trainer, QuantizationAwareTraining)
+        if training is not None:
+            training.finalize_bits(pl_module)  # NIPQ's bits meet its budget
+        freeze_quantizers(pl_module)
+        bn = self._batches(trainer, self.bn_batches, trainer.train_dataloader)
+        if bn:
             recalibrate_batchnorm(pl_module, bn, self.input_fn)
             # Under DDP each process saw its own batches (or the same given ones): average the statistics
             # so that every process converts the same model (that of one process seeing all the batches).
             _average_batchnorm_statistics(trainer, pl_module)
-        compare = self._batches(trainer, self._compare_loader(trainer), self.compare_batches)
-        # The tolerances are checked below on figures combined over all processes, so that
-        # every process raises or none does.
-        self.report = hard_quantize(
-            pl_module, compare_batches=compare, input_fn=self.input_fn, min_agreement=0.0, max_rel_diff=math.inf
-        )
+        compare = self._batches(trainer, self.compare_batches, self._compare_loader(trainer))
+        self.report = convert_and_compare(pl_module, compare, self.input_fn)
+        # Checked on figures combined over all processes, so that every process raises or none does.
         _combine_agreement(trainer, self.report)
-        check_agreement(self.report, self.min_agreement, self.max_rel_diff)
+        check_report(self.report, self.min_agreement, self.max_rel_diff)
         if self.run_validation and self._has_validation(trainer):
             self.report.integer_metrics = self._validate(trainer)
         if trainer.is_global_zero:
@@ -174,12 +165,14 @@ class HardQuantize(Callback):
         return val if val is not None else trainer.train_dataloader
 
     @staticmethod
-    def _batches(trainer: Trainer, loader: Any, count: Optional[int]) -> list[Any]:
-        """The first ``count`` batches of ``loader`` (all of them for None), on the model's device."""
-        if loader is None or count == 0:
-            return []
+    def _batches(trainer: Trainer, batches: Union[int, Iterable[Any]], loader: Any) -> list[Any]:
+        """The given batches, or the first ``batches`` of ``loader`` for a count, on the model's device."""
+        if isinstance(batches, int):
+            if loader is None or batches == 0:
+                return []
+            batches = itertools.islice(iter(loader), batches)
         with torch.no_grad():
-            return [trainer.strategy.batch_to_device(b) for b in itertools.islice(iter(loader), count)]
+            return [trainer.strategy.batch_to_device(b) for b in batches]
 
     @staticmethod
     def _has_validation(trainer: Trainer) -> bool:
@@ -201,35 +194,33 @@ class HardQuantize(Callback):
         return {"converted": self.report is not None}
 
 
-def _check_bn_batches(bn_batches: Any) -> Union[int, Iterable[Any]]:
-    if isinstance(bn_batches, int):
-        if bn_batches < 0:
-            raise ValueError(f"bn_batches must be a whole number >= 0 or an iterable of batches, got {bn_batches!r}")
-        return bn_batches
-    if isinstance(bn_batches, torch.Tensor):
+def _check_batches(name: str, batches: Any, what: str) -> Union[int, Iterable[Any]]:
+    if isinstance(batches, bool):
+        raise ValueError(f"{name} must be a whole number >= 0 or an iterable of batches, got {batches!r}")
+    if isinstance(batches, int):
+        if batches < 0:
+            raise ValueError(f"{name} must be a whole number >= 0 or an iterable of batches, got {batches!r}")
+        return batches
+    if isinstance(batches, torch.Tensor):
         raise ValueError(
-            "bn_batches got one tensor, which would be iterated sample by sample: pass a list of batches, "
-            "e.g. list(images.split(64)) or lightning_nipq.calibration_data.as_batches(images, 64)"
+            f"{name} got one tensor, which would be iterated sample by sample: pass a list of batches, "
+            "e.g. list(images.split(64)) or lightning_nipq.data.as_batches(images, 64)"
         )
-    if isinstance(bn_batches, (str, bytes, Mapping)) or not isinstance(bn_batches, Iterable):
+    if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
         raise ValueError(
-            "bn_batches must be a count of training batches (a whole number >= 0) or an iterable of input "
-            f"batches (a list of tensors, a DataLoader), got {type(bn_batches).__name__}"
+            f"{name} must be a count of batches from the Trainer's loader (a whole number >= 0) or an iterable of input "
+            f"batches (a list of tensors, a DataLoader), got {type(batches).__name__}"
         )
-    if isinstance(bn_batches, Iterator):
+    if isinstance(batches, Iterator):
         # A generator would be used up by the first fit and leave a later one nothing.
-        bn_batches = list(bn_batches)
-    if isinstance(bn_batches, Sized) and len(bn_batches) == 0:
-        raise ValueError("bn_batches is empty: give at least one batch, or bn_batches=0 to turn re-estimation off")
-    return bn_batches
+        batches = list(batches)
+    if isinstance(batches, Sized) and len(batches) == 0:
+        raise ValueError(f"{name} is empty: give at least one batch, or {name}=0 to turn {what} off")
+    return batches
 
 
 def _average_batchnorm_statistics(trainer: Trainer, model: nn.Module) -> None:
-    norms = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None
-    ]
+    norms = batchnorm_layers(model)
     if not norms or trainer.world_size <= 1:
         return
     strategy = trainer.strategy

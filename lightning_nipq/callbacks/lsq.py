@@ -1,17 +1,14 @@
-"""LSQCallback: quantization-aware training with LSQ, the fixed-bit baseline, on NIPQCallback's machinery."""
+"""LSQCallback: quantization-aware training with LSQ, the fixed-bit baseline."""
 
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from lightning.pytorch import LightningModule, Trainer
-
-from lightning_nipq.callbacks.nipq import NIPQCallback
-from lightning_nipq.lsq import LSQConfig
-from lightning_nipq.schedule import PhaseSchedule
+from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTraining
+from lightning_nipq.quant.lsq_quantizer import LSQConfig
 
 
-class LSQCallback(NIPQCallback):
+class LSQCallback(QuantizationAwareTraining):
     r"""Quantization-aware training with LSQ (Esser et al., ICLR 2020): fixed bits, learned step sizes.
 
     The baseline NIPQ is measured against. It quantizes the same layers as
@@ -62,14 +59,9 @@ class LSQCallback(NIPQCallback):
         calibration_percentile: float = 99.9,
         log_per_layer: bool = True,
     ) -> None:
-        act_bits = weight_bits if act_bits is None else act_bits
+        config = LSQConfig(weight_bits=weight_bits, act_bits=act_bits)
         super().__init__(
-            target_bits=weight_bits,
-            target_act_bits=act_bits,
-            weight_bits=weight_bits,
-            act_bits=act_bits,
-            hard_epochs=0,
-            reg_weight=0.0,
+            config,
             quantizer_lr_factor=quantizer_lr_factor,
             include=include,
             exclude=exclude,
@@ -78,22 +70,11 @@ class LSQCallback(NIPQCallback):
             calibration_percentile=calibration_percentile,
             log_per_layer=log_per_layer,
         )
-        self.weight_bits = weight_bits
-        self.act_bits = act_bits
-        self.quantizer_config = LSQConfig(weight_bits=weight_bits, act_bits=act_bits)  # type: ignore[assignment]
+        self.quantizer_config: LSQConfig = config
 
-    def _make_schedule(self, trainer: Trainer) -> PhaseSchedule:
-        # LSQ has no noise phase: the whole run is the "hard" phase, which also keeps the
-        # bit-budget loss (and its check under manual optimisation) off.
-        epochs = max(trainer.max_epochs or 1, 1)
-        return PhaseSchedule(epochs, hard_epochs=epochs)
-
-    def _wrap_training_step(self, pl_module: LightningModule) -> None:
-        # Nothing to add to the loss: training_step stays the user's own.
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"method": "lsq", "weight_bits": self.weight_bits, "act_bits": self.act_bits}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "method"})
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "weight_bits": self.quantizer_config.weight_bits,
+            "act_bits": self.quantizer_config.act_bits,
+        }

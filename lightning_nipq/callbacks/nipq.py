@@ -2,37 +2,29 @@
 
 from __future__ import annotations
 
-import functools
-import logging
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_nipq.attach import QuantizerConfig, attach_quantizers, quantized_layers, quantizers
-from lightning_nipq.bit_budget import BUDGETS, BitBudget, average_bits, fit_bits_to_budget, pair_average_bits
-from lightning_nipq.calibration import ActivationObserver
 from lightning_nipq.callbacks.loss_injection import add_to_loss
-from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
-from lightning_nipq.checkpoint import MANIFEST_KEY, install_load_hook, quantization_manifest
-from lightning_nipq.distillation import Distiller, frozen_copy
-from lightning_nipq.layer_metrics import is_logging_step, per_layer_metrics
-from lightning_nipq.noise import NOISE_KINDS
-from lightning_nipq.quantizer_base import MAX_SUPPORTED_BITS, MIN_SIGNED_BITS, BaseQuantizer
-from lightning_nipq.quantizer_param_groups import split_quantizer_params
-from lightning_nipq.schedule import PhaseSchedule
+from lightning_nipq.callbacks.module_hooks import find_callback, wrap_method
+from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTraining
+from lightning_nipq.layers.model_walk import quantized_layers, quantizers
+from lightning_nipq.quant.codes import MIN_SIGNED_BITS
+from lightning_nipq.quant.nipq_quantizer import NIPQConfig
+from lightning_nipq.training.bit_budget import BUDGETS, BitBudget
+from lightning_nipq.training.distillation import Distiller, frozen_copy
+from lightning_nipq.training.phase_schedule import PhaseSchedule
 
-log = logging.getLogger(__name__)
-
-#: Ways to start a weight's range (see `lightning_nipq.QuantizerConfig`).
-WEIGHT_INITS = ("max", "mse")
 #: Learned bits further above the target than this when freezing get a warning.
 UNMET_BUDGET_WARNING = 0.5
 
 
-class NIPQCallback(Callback):
+class NIPQCallback(QuantizationAwareTraining):
     r"""Quantization-aware training with NIPQ: learned bit-widths under an average-bit budget.
 
     In ``setup`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of the LightningModule gets a
@@ -49,6 +41,9 @@ class NIPQCallback(Callback):
        to the budget) and the regulariser off.
 
     Add `lightning_nipq.HardQuantize` to turn the result into a validated integer model.
+    On a model that holds NIPQ quantizers already (a second fit, a resumed run), the
+    quantizers take this callback's ``noise`` and ``stochastic_bits``; another bit range or
+    another method is refused with an error.
 
     Args:
         target_bits: the average weight bit-width you can afford, weighted by element count.
@@ -123,34 +118,7 @@ class NIPQCallback(Callback):
         distillation_temperature: float = 1.0,
         log_per_layer: bool = True,
     ) -> None:
-        _check_bits(min_bits, max_bits, target_bits, target_act_bits, weight_bits, act_bits, init_bits)
-        if weight_init not in WEIGHT_INITS:
-            raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
-        if budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-        if noise not in NOISE_KINDS:
-            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
-        for name, value in (("hard_epochs", hard_epochs), ("anneal_epochs", anneal_epochs)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
-        if reg_weight < 0:
-            raise ValueError(f"reg_weight must be >= 0, got {reg_weight}")
-        if quantizer_lr_factor <= 0:
-            raise ValueError(f"quantizer_lr_factor must be > 0, got {quantizer_lr_factor}")
-        if not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be a whole number >= 1, got {calibration_batches!r}")
-        if not 0 < calibration_percentile <= 100:
-            raise ValueError(f"calibration_percentile must be in (0, 100], got {calibration_percentile}")
-        if distillation_weight < 0 or distillation_temperature <= 0:
-            raise ValueError("distillation_weight must be >= 0 and distillation_temperature > 0")
-        for name, patterns in (("include", include), ("exclude", exclude), ("float_input_layers", float_input_layers)):
-            if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
-                raise ValueError(f"{name} must be a list of module-name patterns, got {patterns!r}")
-
-        self.target_bits = float(target_bits)
-        self.target_act_bits = float(target_act_bits) if target_act_bits is not None else float(target_bits)
-        self.budget = budget
-        self.quantizer_config = QuantizerConfig(
+        config = NIPQConfig(
             min_bits=min_bits,
             max_bits=max_bits,
             init_bits=init_bits,
@@ -160,72 +128,76 @@ class NIPQCallback(Callback):
             stochastic_bits=stochastic_bits,
             weight_init=weight_init,
         )
+        _check_targets(config, target_bits, target_act_bits)
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        for name, value in (("hard_epochs", hard_epochs), ("anneal_epochs", anneal_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        for name, value, low in (
+            ("reg_weight", reg_weight, 0.0),
+            ("distillation_weight", distillation_weight, 0.0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
+        if isinstance(distillation_temperature, bool) or not isinstance(distillation_temperature, (int, float)) or not (
+            0 < distillation_temperature < math.inf
+        ):
+            raise ValueError(f"distillation_temperature must be a finite number > 0, got {distillation_temperature!r}")
+        super().__init__(
+            config,
+            quantizer_lr_factor=quantizer_lr_factor,
+            include=include,
+            exclude=exclude,
+            float_input_layers=float_input_layers,
+            calibration_batches=calibration_batches,
+            calibration_percentile=calibration_percentile,
+            log_per_layer=log_per_layer,
+        )
+        self.quantizer_config: NIPQConfig = config
+        self.target_bits = float(target_bits)
+        self.target_act_bits = float(target_act_bits) if target_act_bits is not None else float(target_bits)
+        self.budget = budget
         self.hard_epochs = hard_epochs
         self.anneal_epochs = anneal_epochs
         self.reg_weight = float(reg_weight)
-        self.quantizer_lr_factor = float(quantizer_lr_factor)
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
-        self.float_input_layers = list(float_input_layers) if float_input_layers is not None else None
-        self.calibration_batches = calibration_batches
-        self.calibration_percentile = calibration_percentile
         self.distillation = distillation
         self.distillation_weight = float(distillation_weight)
         self.distillation_temperature = float(distillation_temperature)
-        self.log_per_layer = log_per_layer
 
         self.bit_budget = BitBudget(self.target_bits, self.target_act_bits, budget)
         self.schedule: Optional[PhaseSchedule] = None
-        self.skipped: list[tuple[str, str]] = []
-        self._observer: Optional[ActivationObserver] = None
         self._distiller: Optional[Distiller] = None
-        self._wrapped_module: Optional[LightningModule] = None
         self._last_bit_loss: Optional[Tensor] = None
         self._bit_loss_calls = 0
-        self._layers: list[Any] = []
-        self._named_layers: list[tuple[str, Any]] = []
-        self._calibrating: list[BaseQuantizer] = []
         self._generator: Optional[torch.Generator] = None
         self._generator_state: Optional[Tensor] = None
-        self._remove_load_hook: Optional[Callable[[], None]] = None
-        self._training_step_wrapper: Optional[Callable[..., Any]] = None
-        self._replaced_training_step: Optional[Callable[..., Any]] = None
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "target_bits": self.target_bits,
+            "target_act_bits": self.target_act_bits,
+            "budget": self.budget,
+            "hard_epochs": self.hard_epochs,
+            "anneal_epochs": self.anneal_epochs,
+            "noise": self.quantizer_config.noise,
+            "stochastic_bits": self.quantizer_config.stochastic_bits,
+        }
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_strategy(trainer.strategy, "NIPQCallback")
-        # Any stage may restore a checkpoint (fit resuming, validate/test with ckpt_path):
-        # rebuild the layers it holds before Lightning loads its state dict.
-        self._remove_load_hook = install_load_hook(pl_module)
-        if stage != "fit":
-            return
-        if spawns_processes(trainer.strategy):
-            rank_zero_warn(
-                "NIPQ: with a spawning strategy (ddp_spawn, ddp_fork, ddp_notebook) the model is quantized in the "
-                "worker processes; Lightning copies back only the float tensors that fit your model, so the model in "
-                "this process is not quantized after fit. Load the quantized model from a checkpoint "
-                "(load_nipq_checkpoint) or use strategy='ddp'."
-            )
+    def _before_attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.schedule = self._make_schedule(trainer)
-        if not any(True for _ in quantized_layers(pl_module)):
-            if self.distillation:
-                self._distiller = Distiller(
-                    frozen_copy(pl_module), self.distillation_weight, self.distillation_temperature
-                )
-            result = attach_quantizers(
-                pl_module, self.quantizer_config, self.include, self.exclude, self.float_input_layers
-            )
-            self.skipped = result.skipped
-            rank_zero_info(
-                f"NIPQ: quantizing {len(result.quantized)} layers (float input: {result.float_input})"
-                + (f"; left in float: {[n for n, _ in result.skipped]}" if result.skipped else "")
-            )
-        self._named_layers = list(quantized_layers(pl_module))
-        self._layers = [layer for _, layer in self._named_layers]
+        if self.distillation and self._distiller is None and not any(True for _ in quantized_layers(pl_module)):
+            # The teacher is the float model, copied before it is quantized.
+            self._distiller = Distiller(frozen_copy(pl_module), self.distillation_weight, self.distillation_temperature)
+
+    def _after_attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._distiller is not None:
             self._distiller.attach(pl_module)
+            self._undo.append(self._distiller.detach)
         if pl_module.automatic_optimization:
-            self._wrap_training_step(pl_module)
+            self._undo.append(wrap_method(pl_module, "training_step", self._training_step_wrapper(pl_module)))
 
     def _make_schedule(self, trainer: Trainer) -> PhaseSchedule:
         max_epochs = trainer.max_epochs
@@ -236,50 +208,23 @@ class NIPQCallback(Callback):
             )
         return PhaseSchedule(max(max_epochs or 1, 1), self.hard_epochs, self.anneal_epochs)
 
-    def _wrap_training_step(self, pl_module: LightningModule) -> None:
-        # Lightning offers no hook that returns a new loss. The strategy calls
-        # ``training_step`` through the instance attribute, inside the DDP wrapper, so an
-        # instance-level wrapper adds the regulariser before accumulation scaling, AMP
-        # scaling and gradient sync, exactly as if the user had written it.
-        if self._wrapped_module is pl_module:
-            return
-        original = pl_module.training_step
-        # An instance attribute may already be there: Lightning puts the compiled
-        # training_step there for trainer.fit(torch.compile(model)). Teardown restores it.
-        self._replaced_training_step = vars(pl_module).get("training_step")
+    def _training_step_wrapper(self, pl_module: LightningModule) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                output = original(*args, **kwargs)
+                return add_to_loss(output, self._extra_loss(pl_module), "NIPQCallback")
 
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            output = original(*args, **kwargs)
-            extra = self._extra_loss(pl_module)
-            return output if extra is None else add_to_loss(output, extra, "NIPQCallback")
+            return training_step
 
-        pl_module.training_step = training_step  # type: ignore[method-assign]
-        self._wrapped_module = pl_module
-        self._training_step_wrapper = training_step
+        return make
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Model weights (and so calibration flags) are restored from ckpt_path before this
-        # hook; optimizer state is restored after it, onto the groups split here.
-        params = [p for _, q in quantizers(pl_module) for p in q.parameters()]
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        for line in split_quantizer_params(trainer.optimizers, params, self.quantizer_lr_factor, schedulers):
-            log.info("NIPQ: %s", line)
+        super().on_fit_start(trainer, pl_module)
         if self._distiller is not None:
             self._distiller.teacher.to(pl_module.device)
         self._generator = self._make_generator(pl_module.device)
-        uncalibrated = []
         for _, q in quantizers(pl_module):
             q.generator = self._generator
-            if not q.calibrated:
-                uncalibrated.append(q)
-        self._observer = None
-        self._calibrating = uncalibrated
-        if uncalibrated:
-            self._observer = ActivationObserver(self.calibration_percentile)
-            for q in uncalibrated:
-                self._observer.watch(q)
-                q.deferred_observations = []
 
     def _make_generator(self, device: torch.device) -> torch.Generator:
         generator = torch.Generator(device=device)
@@ -292,37 +237,22 @@ class NIPQCallback(Callback):
             self._generator_state = None
         return generator
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._remove_load_hook is not None:
-            self._remove_load_hook()
-            self._remove_load_hook = None
-        module = self._wrapped_module
-        if module is not None and vars(module).get("training_step") is self._training_step_wrapper:
-            if self._replaced_training_step is None:
-                del module.training_step
-            else:
-                module.training_step = self._replaced_training_step  # type: ignore[method-assign]
-        self._wrapped_module = self._training_step_wrapper = self._replaced_training_step = None
-        if self._distiller is not None:
-            self._distiller.detach()
-
     # ------------------------------------------------------------------ the loss
     def bit_loss(self, pl_module: LightningModule) -> Tensor:
         """``reg_weight`` times the bit-budget penalty now (zero in the hard phase).
 
         With automatic optimisation it is added to your loss for you; with manual
-        optimisation add ``lightning_nipq.bit_loss(self)`` to the loss you backpropagate.
+        optimisation add ``lightning_nipq.callbacks.bit_loss(self)`` to the loss you backpropagate.
         """
         self._bit_loss_calls += 1
-        phase = self._phase(pl_module)
-        if phase == "hard" or self.reg_weight == 0:
+        if self._phase(pl_module) == "hard" or self.reg_weight == 0:
             loss = torch.zeros((), device=pl_module.device)
         else:
             loss = self.bit_budget.loss_of(self._pairs()) * self.reg_weight
         self._last_bit_loss = loss.detach()
         return loss
 
-    def _extra_loss(self, pl_module: LightningModule) -> Optional[Tensor]:
+    def _extra_loss(self, pl_module: LightningModule) -> Tensor:
         total = self.bit_loss(pl_module)
         if self._distiller is not None:
             kd = self._distiller.pop()
@@ -333,9 +263,6 @@ class NIPQCallback(Callback):
                 )
             total = total + kd
         return total
-
-    def _pairs(self) -> list[tuple[BaseQuantizer, Optional[BaseQuantizer]]]:
-        return [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers]
 
     def _phase(self, pl_module: LightningModule) -> str:
         if self.schedule is None:
@@ -363,18 +290,18 @@ class NIPQCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for q in self._calibrating:
-            q.flush_observations()
-        if self._observer is not None and self._observer.batches_seen >= self.calibration_batches:
-            self._finish_calibration(trainer)
-            if self._phase(pl_module) == "hard":  # inputs calibrated inside the hard phase freeze now
-                self.finalize_bits(pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not pl_module.automatic_optimization and self._bit_loss_calls == 0 and self._phase(pl_module) != "hard":
             raise RuntimeError(
-                "NIPQCallback: with manual optimisation, add lightning_nipq.bit_loss(self) to the loss you "
+                "NIPQCallback: with manual optimisation, add lightning_nipq.callbacks.bit_loss(self) to the loss you "
                 "backpropagate in training_step; the bit budget is not applied otherwise"
             )
-        self._log_bits(trainer, pl_module)
+        if self._last_bit_loss is not None:
+            pl_module.log("nipq/bit_loss", self._last_bit_loss, on_step=True, on_epoch=False)
+
+    def _after_calibration(self, pl_module: LightningModule) -> None:
+        if self._phase(pl_module) == "hard":  # inputs calibrated inside the hard phase freeze now
+            self.finalize_bits(pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Bits freeze when the hard phase starts: always at an epoch boundary, so nothing
@@ -382,133 +309,68 @@ class NIPQCallback(Callback):
         if self._phase(pl_module) == "hard":
             self.finalize_bits(pl_module)
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # An epoch shorter than calibration_batches still ends calibration.
-        for q in self._calibrating:
-            q.flush_observations()
-        if self._observer is not None and self._observer.batches_seen > 0:
-            self._finish_calibration(trainer)
-
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Walked afresh: a HardQuantize listed before this callback has converted the layers already.
         for _, q in quantizers(pl_module):
             q.blend_modes = False
-        self.finalize_bits(pl_module)
-
-    def _finish_calibration(self, trainer: Trainer) -> None:
-        assert self._observer is not None
-        strategy = trainer.strategy
-        self._observer.finish(
-            reduce_mean=lambda t: strategy.reduce(t.to(strategy.root_device), reduce_op="mean").cpu(),
-            reduce_min=lambda t: -strategy.reduce(-t.to(strategy.root_device), reduce_op="max").cpu(),
-        )
-        self._observer = None
-        for q in self._calibrating:
-            q.deferred_observations = None
-        self._calibrating = []
-
-    def _log_bits(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with torch.no_grad():
-            avg_w, avg_a = pair_average_bits(self._pairs())
-            # Hundreds of per-layer series cost real time in self.log; loggers only keep
-            # every log_every_n_steps-th value anyway.
-            if self.log_per_layer and is_logging_step(trainer):
-                pl_module.log_dict(per_layer_metrics(self._named_layers), on_step=True, on_epoch=False)
-        if avg_w is not None:
-            pl_module.log("nipq/avg_weight_bits", avg_w, prog_bar=True, on_step=True, on_epoch=False)
-        if avg_a is not None:
-            pl_module.log("nipq/avg_act_bits", avg_a, prog_bar=True, on_step=True, on_epoch=False)
-        if self._last_bit_loss is not None:
-            pl_module.log("nipq/bit_loss", self._last_bit_loss, on_step=True, on_epoch=False)
+        super().on_train_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ freezing
     def finalize_bits(self, pl_module: LightningModule) -> None:
-        """Freeze learned bits at whole values that meet the average-bit budget (idempotent)."""
-        layers = [layer for _, layer in quantized_layers(pl_module)]
-        weights = [layer.weight_quantizer for layer in layers]  # walked afresh: works before setup too
-        inputs = [layer.input_quantizer for layer in layers if layer.input_quantizer is not None]
-        for group, target in ((weights, self.target_bits), (inputs, self.target_act_bits)):
-            learning = [q for q in group if q.learns_bits and q.calibrated]
-            if not learning:
-                continue
-            if self.budget == "avg_bits":
-                with torch.no_grad():
-                    learned = average_bits(group)
-                if learned is not None and float(learned) > target + UNMET_BUDGET_WARNING:
+        """Freeze learned bits at whole values that meet the budget (idempotent)."""
+        layers = [layer for _, layer in quantized_layers(pl_module)]  # walked afresh: works before setup too
+        pairs = [(layer.weight_quantizer, layer.input_quantizer) for layer in layers]
+        if not any(q is not None and q.learns_bits and q.calibrated for pair in pairs for q in pair):
+            return
+        with torch.no_grad():
+            for label, learned, target in self.bit_budget.excess(pairs):
+                if learned > target + UNMET_BUDGET_WARNING:
                     rank_zero_warn(
-                        f"NIPQ: the learned average bits ({float(learned):.2f}) are still {float(learned) - target:.2f} "
-                        f"above the target {target:g} when freezing; whole bits are cut to fit, which costs accuracy. "
-                        "Raise quantizer_lr_factor or reg_weight, or train longer before the hard phase."
+                        f"NIPQ: when freezing, the learned {label} ({learned:.2f}) is {learned - target:.2f} above the "
+                        f"target {target:g}; whole bits are cut to fit, which costs accuracy. Raise "
+                        "quantizer_lr_factor or reg_weight, or train longer before the hard phase."
                     )
-                chosen = fit_bits_to_budget(group, target)
-                for q in learning:
+            chosen = self.bit_budget.fit(pairs)
+        for weight_q, input_q in pairs:
+            for q in (weight_q, input_q):
+                if q is not None and q.learns_bits and q.calibrated:
                     q.freeze_bits(chosen.get(id(q), q.rounded_bits()))
-            else:
-                for q in learning:
-                    q.freeze_bits()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "target_bits": self.target_bits,
-            "target_act_bits": self.target_act_bits,
-            "budget": self.budget,
-            "hard_epochs": self.hard_epochs,
-            "anneal_epochs": self.anneal_epochs,
-        }
+        state = super().state_dict()
         if self._generator is not None:
             state["generator_state"] = self._generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        settings = {k: v for k, v in state_dict.items() if k != "generator_state"}
-        changed = [k for k, v in settings.items() if getattr(self, k, v) != v]
-        if changed:
-            rank_zero_warn(f"NIPQ: resuming with changed settings {changed}; the new values are used")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "generator_state"})
         self._generator_state = state_dict.get("generator_state")
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[MANIFEST_KEY] = quantization_manifest(
-            pl_module,
-            phase=self._phase(pl_module),
-            epoch=trainer.current_epoch,
-            config={k: v for k, v in self.state_dict().items() if k != "generator_state"},
-        )
+    def _manifest_extra(self, pl_module: LightningModule) -> dict[str, Any]:
+        return {"phase": self._phase(pl_module)}
 
 
-def _check_bits(
-    min_bits: int,
-    max_bits: int,
-    target_bits: float,
-    target_act_bits: Optional[float],
-    weight_bits: Optional[int],
-    act_bits: Optional[int],
-    init_bits: Optional[float],
-) -> None:
-    if not isinstance(min_bits, int) or min_bits < 1:
-        raise ValueError(f"min_bits must be a whole number >= 1, got {min_bits!r}")
-    if not isinstance(max_bits, int) or not min_bits <= max_bits <= MAX_SUPPORTED_BITS:
-        raise ValueError(f"max_bits must be a whole number in [min_bits={min_bits}, {MAX_SUPPORTED_BITS}], got {max_bits!r}")
-    if weight_bits is not None and (not isinstance(weight_bits, int) or not MIN_SIGNED_BITS <= weight_bits <= MAX_SUPPORTED_BITS):
-        raise ValueError(f"weight_bits must be a whole number in [2, {MAX_SUPPORTED_BITS}] (weights are signed), got {weight_bits!r}")
-    if act_bits is not None and (not isinstance(act_bits, int) or not 1 <= act_bits <= MAX_SUPPORTED_BITS):
-        raise ValueError(f"act_bits must be a whole number in [1, {MAX_SUPPORTED_BITS}], got {act_bits!r}")
-    if weight_bits is None:
-        low = max(min_bits, MIN_SIGNED_BITS)
-        if not low <= target_bits <= max_bits:
+def _check_targets(config: NIPQConfig, target_bits: Any, target_act_bits: Any) -> None:
+    for name, value in (("target_bits", target_bits), ("target_act_bits", target_act_bits)):
+        if value is None and name == "target_act_bits":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number of bits, got {value!r}")
+    if config.weight_bits is None:
+        low = max(config.min_bits, MIN_SIGNED_BITS)
+        if not low <= target_bits <= config.max_bits:
             raise ValueError(
-                f"target_bits={target_bits} is outside [{low}, {max_bits}], the range learned weight bits can take "
-                f"(weights are signed and need at least {MIN_SIGNED_BITS}); change target_bits or min_bits/max_bits"
+                f"target_bits={target_bits} is outside [{low}, {config.max_bits}], the range learned weight bits can "
+                f"take (weights are signed and need at least {MIN_SIGNED_BITS}); change target_bits or min_bits/max_bits"
             )
-    if act_bits is None:
+    if config.act_bits is None:
         act_target = target_bits if target_act_bits is None else target_act_bits
-        if not min_bits <= act_target <= max_bits:
+        if not config.min_bits <= act_target <= config.max_bits:
             raise ValueError(
-                f"target_act_bits={act_target} is outside [min_bits={min_bits}, max_bits={max_bits}]; "
+                f"target_act_bits={act_target} is outside [min_bits={config.min_bits}, max_bits={config.max_bits}]; "
                 "change it or the bit range"
             )
-    if init_bits is not None and not min_bits <= init_bits <= max_bits:
-        raise ValueError(f"init_bits={init_bits} is outside [min_bits={min_bits}, max_bits={max_bits}]")
 
 
 def bit_loss(pl_module: LightningModule) -> Tensor:
@@ -517,15 +379,17 @@ def bit_loss(pl_module: LightningModule) -> Tensor:
     Example:
 
         ```python
+        from lightning_nipq.callbacks import bit_loss
+
         def training_step(self, batch, batch_idx):
             opt = self.optimizers()
-            loss = self.task_loss(batch) + lightning_nipq.bit_loss(self)
+            loss = self.task_loss(batch) + bit_loss(self)
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()
         ```
     """
-    for callback in pl_module.trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, NIPQCallback):
-            return callback.bit_loss(pl_module)
-    raise RuntimeError("bit_loss needs a NIPQCallback among the Trainer's callbacks")
+    callback = find_callback(pl_module.trainer, NIPQCallback)
+    if callback is None:
+        raise RuntimeError("bit_loss needs a NIPQCallback among the Trainer's callbacks")
+    return callback.bit_loss(pl_module)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -11,10 +10,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_nipq.attach import plan_layers
 from lightning_nipq.callbacks.loss_injection import add_to_loss
+from lightning_nipq.callbacks.module_hooks import find_callback, wrap_method
 from lightning_nipq.callbacks.strategy_support import check_strategy
-from lightning_nipq.saturation import (
+from lightning_nipq.layers.layer_kinds import supported_names
+from lightning_nipq.layers.model_walk import check_patterns, plan_layers
+from lightning_nipq.robust.saturation import (
     DEFAULT_SATURATION_SCALE,
     attach_saturation,
     fold_all,
@@ -22,7 +23,7 @@ from lightning_nipq.saturation import (
     saturated_layers,
     unfold_state_dict,
 )
-from lightning_nipq.symmetry import is_depthwise, symmetry_penalty
+from lightning_nipq.robust.symmetry import is_depthwise, symmetry_penalty
 
 #: Where Lightning checkpoints keep each saturated layer's scale and latent, beside the plain weights.
 CHECKPOINT_KEY = "robust_quantization"
@@ -92,24 +93,21 @@ class RobustQuantization(Callback):
             )
         if symreg_weight == 0 and not saturation:
             raise ValueError("RobustQuantization has nothing to do: set symreg_weight > 0, saturation=True, or both")
-        for name, patterns in (("include", include), ("exclude", exclude)):
-            if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
-                raise ValueError(f"{name} must be a list of module-name patterns, got {patterns!r}")
         if not isinstance(log_penalty, bool):
             raise ValueError(f"log_penalty must be True or False, got {log_penalty!r}")
 
         self.symreg_weight = float(symreg_weight)
         self.saturation = saturation
         self.saturation_scale = float(saturation_scale)
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
         self.log_penalty = log_penalty
 
         self.skipped: list[tuple[str, str]] = []
         self._names: list[str] = []
         self._symreg_layers: list[nn.Module] = []
         self._module: Optional[LightningModule] = None
-        self._wrapped: dict[str, tuple[Optional[Callable[..., Any]], Callable[..., Any]]] = {}
+        self._undo: list[Callable[[], None]] = []
         self._last_penalty: Optional[Tensor] = None
         self._penalty_calls = 0
 
@@ -126,7 +124,7 @@ class RobustQuantization(Callback):
         targets, self.skipped = plan_layers(pl_module, self.include, self.exclude)
         if not targets:
             raise ValueError(
-                f"{type(pl_module).__name__} has no nn.Linear or nn.Conv1d/2d/3d layer to treat"
+                f"{type(pl_module).__name__} has no layer to treat (supported: {supported_names()})"
                 + (f"; left out: {self.skipped[:5]}" if self.skipped else "")
                 + ". Check include/exclude."
             )
@@ -149,14 +147,7 @@ class RobustQuantization(Callback):
             self._wrap(pl_module, "training_step", self._training_step_wrapper)
 
     def _wrap(self, pl_module: LightningModule, hook: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-        # Lightning calls these through the instance attribute (training_step inside the DDP
-        # wrapper, before AMP and accumulation scaling), so an instance-level wrapper acts
-        # exactly as code the user wrote. Whatever instance attribute was there (another
-        # callback's wrapper, a compiled training_step) is wrapped too and put back in teardown.
-        original = getattr(pl_module, hook)
-        wrapper = functools.wraps(original)(make(original))
-        self._wrapped[hook] = (vars(pl_module).get(hook), wrapper)
-        setattr(pl_module, hook, wrapper)
+        self._undo.append(wrap_method(pl_module, hook, make))
 
     def _training_step_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def training_step(*args: Any, **kwargs: Any) -> Any:
@@ -184,15 +175,8 @@ class RobustQuantization(Callback):
         return on_load_checkpoint
 
     def _unwrap(self) -> None:
-        module = self._module
-        if module is not None:
-            for hook, (previous, wrapper) in self._wrapped.items():
-                if vars(module).get(hook) is wrapper:
-                    if previous is None:
-                        delattr(module, hook)
-                    else:
-                        setattr(module, hook, previous)
-        self._wrapped = {}
+        while self._undo:
+            self._undo.pop()()
 
     # ------------------------------------------------------------------ checkpoints
     def fold_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -306,7 +290,7 @@ def symmetry_loss(pl_module: LightningModule) -> Tensor:
             opt.step()
         ```
     """
-    for callback in pl_module.trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, RobustQuantization):
-            return callback.symmetry_loss(pl_module)
-    raise RuntimeError("symmetry_loss needs a RobustQuantization among the Trainer's callbacks")
+    callback = find_callback(pl_module.trainer, RobustQuantization)
+    if callback is None:
+        raise RuntimeError("symmetry_loss needs a RobustQuantization among the Trainer's callbacks")
+    return callback.symmetry_loss(pl_module)

@@ -17,9 +17,10 @@ from typing import Optional, Sequence
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_nipq import HardQuantize, NIPQCallback, artifact_sizes, compare_onnx, export_onnx, load_quantized, save_quantized
+from lightning_nipq import HardQuantize, NIPQCallback, export_onnx, load_quantized, save_quantized
 from lightning_nipq.demo.data import ImageDataModule
 from lightning_nipq.demo.models import SmallCNN
+from lightning_nipq.saving import artifact_sizes, compare_onnx
 
 
 def _trainer(epochs: int, callbacks: list) -> Trainer:

@@ -1,0 +1,257 @@
+"""QuantizationAwareTraining: what every quantization-aware-training callback does, whatever its method.
+
+`lightning_nipq.NIPQCallback` and `lightning_nipq.LSQCallback` subclass it and add only
+what is theirs (NIPQ: the bit budget, the noise schedule, distillation; LSQ: nothing but
+its config).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_nipq.callbacks.module_hooks import install_load_hook
+from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
+from lightning_nipq.layers.attach import attach_quantizers
+from lightning_nipq.layers.model_walk import check_patterns, quantized_layers, quantizers
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.methods import QuantizerFactory
+from lightning_nipq.quant.observers import RangeObserver
+from lightning_nipq.saving.checkpoint import MANIFEST_KEY, quantization_manifest
+from lightning_nipq.training.bit_budget import pair_average_bits
+from lightning_nipq.training.layer_metrics import is_logging_step, per_layer_metrics
+from lightning_nipq.training.param_groups import split_quantizer_params
+
+log = logging.getLogger(__name__)
+
+
+class QuantizationAwareTraining(Callback):
+    """The shared base of the quantization-aware-training callbacks.
+
+    In ``setup`` it attaches the quantizers ``config`` builds to every quantizable layer of
+    the LightningModule (before ``configure_optimizers`` and DDP), or, if the model holds
+    quantizers already, makes them follow ``config`` (refusing what cannot change). At fit
+    start, after a checkpoint's weights are restored, it does the same again, moves the
+    quantizer parameters into their own optimizer groups, and starts calibrating the inputs
+    on the first training batches. It logs the average (and per-layer) bits, writes a
+    manifest into checkpoints, freezes the bits when training ends (`finalize_bits`), and
+    takes off whatever it wrapped at teardown.
+
+    Args:
+        config: builds the quantizers (`lightning_nipq.NIPQConfig`, `lightning_nipq.LSQConfig`).
+        quantizer_lr_factor: learning-rate factor for the quantizer parameters, which also get
+            ``weight_decay=0``.
+        include: shell-style module-name patterns to quantize (default: all supported layers).
+        exclude: module-name patterns to leave in float.
+        float_input_layers: layers whose input stays float (default: the first supported
+            layer, which usually takes the raw model input).
+        calibration_batches: training batches used to measure input ranges and signs before
+            input quantization starts.
+        calibration_percentile: percentile of ``|x|`` taken as the initial input range.
+        log_per_layer: log each layer's bits and ranges on the steps the loggers write.
+    """
+
+    def __init__(
+        self,
+        config: QuantizerFactory,
+        quantizer_lr_factor: float,
+        include: Optional[Sequence[str]],
+        exclude: Optional[Sequence[str]],
+        float_input_layers: Optional[Sequence[str]],
+        calibration_batches: int,
+        calibration_percentile: float,
+        log_per_layer: bool,
+    ) -> None:
+        if isinstance(quantizer_lr_factor, bool) or not isinstance(quantizer_lr_factor, (int, float)) or not (
+            0 < quantizer_lr_factor < math.inf
+        ):
+            raise ValueError(f"quantizer_lr_factor must be a finite number > 0, got {quantizer_lr_factor!r}")
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be a whole number >= 1, got {calibration_batches!r}")
+        if not isinstance(calibration_percentile, (int, float)) or not 0 < calibration_percentile <= 100:
+            raise ValueError(f"calibration_percentile must be in (0, 100], got {calibration_percentile!r}")
+        self.quantizer_config = config
+        self.quantizer_lr_factor = float(quantizer_lr_factor)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.float_input_layers = check_patterns("float_input_layers", float_input_layers)
+        self.calibration_batches = calibration_batches
+        self.calibration_percentile = float(calibration_percentile)
+        self.log_per_layer = bool(log_per_layer)
+        #: ``(name, reason)`` of the layers left in float when the quantizers were attached.
+        self.skipped: list[tuple[str, str]] = []
+        self._named_layers: list[tuple[str, Any]] = []
+        self._layers: list[Any] = []
+        self._observer: Optional[RangeObserver] = None
+        self._calibrating: list[BaseQuantizer] = []
+        #: Undo functions of what was wrapped on the module, run at teardown.
+        self._undo: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ for subclasses
+    def settings(self) -> dict[str, Any]:
+        """The callback's settings, saved in its state and the checkpoint manifest."""
+        return {"method": self.quantizer_config.method}
+
+    def _before_attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Runs in ``setup`` for fit before the quantizers are attached (the model is still float if new)."""
+
+    def _after_attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Runs in ``setup`` for fit once the model holds its quantizers."""
+
+    def _after_calibration(self, pl_module: LightningModule) -> None:
+        """Runs once the input quantizers have their ranges."""
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        name = type(self).__name__
+        check_strategy(trainer.strategy, name)
+        # Any stage may restore a checkpoint (fit resuming, validate/test with ckpt_path):
+        # rebuild the layers it holds before Lightning loads its state dict.
+        undo = install_load_hook(pl_module)
+        if undo is not None:
+            self._undo.append(undo)
+        if stage != "fit":
+            return
+        if spawns_processes(trainer.strategy):
+            rank_zero_warn(
+                f"{name}: with a spawning strategy (ddp_spawn, ddp_fork, ddp_notebook) the model is quantized in the "
+                "worker processes; Lightning copies back only the float tensors that fit your model, so the model in "
+                "this process is not quantized after fit. Load the quantized model from a checkpoint "
+                "(load_nipq_checkpoint) or use strategy='ddp'."
+            )
+        self._before_attach(trainer, pl_module)
+        if any(True for _ in quantized_layers(pl_module)):
+            self._adopt_quantizers(pl_module)
+        else:
+            result = attach_quantizers(pl_module, self.quantizer_config, self.include, self.exclude, self.float_input_layers)
+            self.skipped = result.skipped
+            rank_zero_info(
+                f"{name}: quantizing {len(result.quantized)} layers (float input: {result.float_input})"
+                + (f"; left in float: {[n for n, _ in result.skipped]}" if result.skipped else "")
+            )
+        self._named_layers = list(quantized_layers(pl_module))
+        self._layers = [layer for _, layer in self._named_layers]
+        self._after_attach(trainer, pl_module)
+
+    def _adopt_quantizers(self, pl_module: LightningModule) -> None:
+        """Make the quantizers on the model follow the config, or refuse (before changing any) if one cannot."""
+        pairs = [
+            (name, role, q)
+            for name, layer in quantized_layers(pl_module)
+            for role, q in (("weight", layer.weight_quantizer), ("input", layer.input_quantizer))
+            if q is not None
+        ]
+        problems = [f"{name}: {d}" for name, role, q in pairs if (d := self.quantizer_config.difference(q, role)) is not None]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ValueError(
+                f"{type(self).__name__}: the model already holds quantizers that differ from this callback's settings: "
+                + "; ".join(problems[:3])
+                + more
+                + ". Give the callback the settings the model was quantized with, or start from the float model "
+                "(lightning_nipq.layers.detach_quantizers)."
+            )
+        for _, role, q in pairs:
+            self.quantizer_config.adopt(q, role)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Model weights (and so the quantizers' saved settings and calibration flags) are
+        # restored from ckpt_path before this hook; optimizer state is restored after it,
+        # onto the groups split here. This callback's settings win over the restored ones.
+        self._adopt_quantizers(pl_module)
+        self._named_layers = list(quantized_layers(pl_module))
+        self._layers = [layer for _, layer in self._named_layers]
+        params = [p for _, q in quantizers(pl_module) for p in q.parameters()]
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        for line in split_quantizer_params(trainer.optimizers, params, self.quantizer_lr_factor, schedulers):
+            log.info("%s: %s", type(self).__name__, line)
+        uncalibrated = [q for _, q in quantizers(pl_module) if not q.calibrated]
+        self._observer = None
+        self._calibrating = uncalibrated
+        if uncalibrated:
+            self._observer = RangeObserver("percentile", self.calibration_percentile)
+            for q in uncalibrated:
+                self._observer.watch(q)
+                q.deferred_observations = []
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    # ------------------------------------------------------------------ calibration and logging
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for q in self._calibrating:
+            q.flush_observations()
+        if self._observer is not None and self._observer.batches_seen >= self.calibration_batches:
+            self._finish_calibration(trainer, pl_module)
+        self._log_bits(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # An epoch shorter than calibration_batches still ends calibration.
+        for q in self._calibrating:
+            q.flush_observations()
+        if self._observer is not None and self._observer.batches_seen > 0:
+            self._finish_calibration(trainer, pl_module)
+
+    def _finish_calibration(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._observer is not None
+        strategy = trainer.strategy
+        self._observer.finish(
+            reduce_mean=lambda t: strategy.reduce(t.to(strategy.root_device), reduce_op="mean").cpu(),
+            reduce_min=lambda t: -strategy.reduce(-t.to(strategy.root_device), reduce_op="max").cpu(),
+        )
+        self._observer = None
+        for q in self._calibrating:
+            q.deferred_observations = None
+        self._calibrating = []
+        self._after_calibration(pl_module)
+
+    def _pairs(self) -> list[tuple[BaseQuantizer, Optional[BaseQuantizer]]]:
+        return [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers]
+
+    def _log_bits(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with torch.no_grad():
+            avg_w, avg_a = pair_average_bits(self._pairs())
+            # Hundreds of per-layer series cost real time in self.log; loggers only keep
+            # every log_every_n_steps-th value anyway.
+            if self.log_per_layer and is_logging_step(trainer):
+                pl_module.log_dict(per_layer_metrics(self._named_layers), on_step=True, on_epoch=False)
+        if avg_w is not None:
+            pl_module.log("nipq/avg_weight_bits", avg_w, prog_bar=True, on_step=True, on_epoch=False)
+        if avg_a is not None:
+            pl_module.log("nipq/avg_act_bits", avg_a, prog_bar=True, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ freezing
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.finalize_bits(pl_module)
+
+    def finalize_bits(self, pl_module: LightningModule) -> None:
+        """Freeze every calibrated quantizer that still learns its bits at its rounded bits (idempotent)."""
+        for _, q in quantizers(pl_module):  # walked afresh: works before setup and after a conversion
+            if q.learns_bits and q.calibrated:
+                q.freeze_bits()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return self.settings()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        current = self.settings()
+        changed = [k for k, v in state_dict.items() if k in current and current[k] != v]
+        if changed:
+            rank_zero_warn(f"{type(self).__name__}: resuming with changed settings {changed}; the new values are used")
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[MANIFEST_KEY] = quantization_manifest(
+            pl_module, epoch=trainer.current_epoch, config=self.settings(), **self._manifest_extra(pl_module)
+        )
+
+    def _manifest_extra(self, pl_module: LightningModule) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,147 @@
+"""The per-layer report of an integer model: bits, ranges, sizes and what stayed float."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import nn
+
+from lightning_nipq.layers.layer_kinds import describe_layer
+from lightning_nipq.layers.model_walk import integer_layers, left_in_float
+from lightning_nipq.quant.codes import num_levels
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    weight_bits: int
+    input_bits: Optional[int]  # None: the input stays float
+    weight_alpha: float
+    input_alpha: Optional[float]
+    params: int
+    weight_numel: int
+    input_numel: int
+
+
+@dataclass
+class QuantizationReport:
+    """What `lightning_nipq.hard_quantize` produced, with its validation figures."""
+
+    layers: list[LayerReport]
+    skipped: list[tuple[str, str]]
+    total_params: int
+    agreement: Optional[float] = None
+    max_abs_diff: Optional[float] = None
+    max_rel_diff: Optional[float] = None
+    #: Relative difference that 99% of the compared samples stay within.
+    typical_rel_diff: Optional[float] = None
+    compared_batches: int = 0
+    #: Each converted layer against its fake-quantized self on the same recorded input (relative max difference).
+    layer_rel_diffs: dict[str, float] = field(default_factory=dict)
+    #: Quantized layers the model's forward did not call during the comparison (bypassed or unused).
+    uncalled_layers: list[str] = field(default_factory=list)
+    integer_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def avg_weight_bits(self) -> float:
+        total = sum(r.weight_numel for r in self.layers)
+        return sum(r.weight_bits * r.weight_numel for r in self.layers) / max(total, 1)
+
+    @property
+    def avg_act_bits(self) -> Optional[float]:
+        rows = [r for r in self.layers if r.input_bits is not None and r.input_numel > 0]
+        if not rows:
+            return None
+        total = sum(r.input_numel for r in rows)
+        return sum(r.input_bits * r.input_numel for r in rows) / total  # type: ignore[operator]
+
+    @property
+    def float32_bytes(self) -> int:
+        """Every parameter of the model in float32."""
+        return 4 * self.total_params
+
+    @property
+    def quantized_bytes(self) -> float:
+        """Quantized weights at their bit-width plus every other parameter in float32."""
+        weight_bits = sum(r.weight_bits * r.weight_numel for r in self.layers)
+        other = self.total_params - sum(r.weight_numel for r in self.layers)
+        return weight_bits / 8 + 4 * other
+
+    def table(self) -> str:
+        header = ("layer", "kind", "w bits", "in bits", "w alpha", "in alpha", "params")
+        rows = [
+            (
+                r.name,
+                r.kind,
+                str(r.weight_bits),
+                "float" if r.input_bits is None else str(r.input_bits),
+                f"{r.weight_alpha:.4g}",
+                "-" if r.input_alpha is None else f"{r.input_alpha:.4g}",
+                f"{r.params:,}",
+            )
+            for r in self.layers
+        ]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        act = self.avg_act_bits
+        lines.append("")
+        lines.append(
+            f"average weight bits {self.avg_weight_bits:.3f}, average input bits "
+            + ("n/a" if act is None else f"{act:.3f}")
+            + f"; weights and other parameters {self.quantized_bytes / 1024:.1f} KiB against "
+            f"{self.float32_bytes / 1024:.1f} KiB in float32 ({self.float32_bytes / max(self.quantized_bytes, 1):.1f}x smaller)"
+        )
+        if self.agreement is not None or self.max_abs_diff is not None:
+            agreement = "n/a" if self.agreement is None else f"{100 * self.agreement:.2f}%"
+            lines.append(
+                f"integer vs fake-quantized on {self.compared_batches} batches: argmax agreement {agreement}, "
+                f"max |diff| {self.max_abs_diff:.3g} (relative {self.max_rel_diff:.3g}; "
+                f"99% of samples within {self.typical_rel_diff or 0.0:.3g})"
+            )
+        if self.layer_rel_diffs:
+            lines.append(
+                f"each integer layer against its fake-quantized self on the same input: relative difference up to "
+                f"{max(self.layer_rel_diffs.values()):.3g} over {len(self.layer_rel_diffs)} layers"
+            )
+        if self.uncalled_layers:
+            lines.append(
+                "not called by forward during the comparison (quantization bypassed, or unused): "
+                + ", ".join(self.uncalled_layers)
+            )
+        if self.integer_metrics:
+            lines.append(
+                "integer model validation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.integer_metrics.items()))
+            )
+        if self.skipped:
+            lines.append("left in float:")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def integer_model_report(model: nn.Module) -> QuantizationReport:
+    """Report on a model whose quantized layers have been converted to integer layers."""
+    rows: list[LayerReport] = []
+    for name, layer in integer_layers(model):
+        bias = layer.bias.numel() if layer.bias is not None else 0
+        rows.append(
+            LayerReport(
+                name=name,
+                kind=describe_layer(layer),
+                weight_bits=layer.weight_bits,
+                input_bits=layer.input_bits,
+                weight_alpha=float(layer.weight_scale) * num_levels(layer.weight_bits, True),
+                input_alpha=None if layer.input_bits is None else float(layer.input_alpha),
+                params=layer.weight_codes.numel() + bias,
+                weight_numel=layer.weight_codes.numel(),
+                input_numel=layer.input_numel,
+            )
+        )
+    total = sum(p.numel() for p in model.parameters()) + sum(r.weight_numel for r in rows)
+    return QuantizationReport(layers=rows, skipped=left_in_float(model), total_params=total)

@@ -1,0 +1,33 @@
+"""The layers of a quantized model: the registry of layer kinds and their fake-quantized and integer
+forms, walking a model, attaching quantizers, calibration and post-training quantization. Plain torch."""
+
+from lightning_nipq.layers.attach import AttachResult, attach_quantizers, detach_quantizers
+from lightning_nipq.layers.calibration import calibrate_activations
+from lightning_nipq.layers.forms import IntegerLayerMixin, LayerKind, QuantizedLayerMixin, is_integer, is_quantized
+from lightning_nipq.layers.layer_kinds import LAYER_KINDS, describe_layer, kind_of
+from lightning_nipq.layers.model_calls import call_model, default_input_fn, first_tensor
+from lightning_nipq.layers.model_walk import integer_layers, plan_layers, quantized_layers, quantizers
+from lightning_nipq.layers.post_training import post_training_quantize
+
+__all__ = [
+    "AttachResult",
+    "IntegerLayerMixin",
+    "LAYER_KINDS",
+    "LayerKind",
+    "QuantizedLayerMixin",
+    "attach_quantizers",
+    "calibrate_activations",
+    "call_model",
+    "default_input_fn",
+    "describe_layer",
+    "detach_quantizers",
+    "first_tensor",
+    "integer_layers",
+    "is_integer",
+    "is_quantized",
+    "kind_of",
+    "plan_layers",
+    "post_training_quantize",
+    "quantized_layers",
+    "quantizers",
+]

@@ -1,0 +1,93 @@
+"""Attaching quantizers to the layers of a model, and taking them off again. Plain torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from torch import nn
+
+from lightning_nipq.layers.forms import is_integer, is_quantized
+from lightning_nipq.layers.layer_kinds import kind_of, supported_names
+from lightning_nipq.layers.model_walk import check_patterns, plan_layers, quantized_layers
+from lightning_nipq.quant.methods import QuantizerFactory
+from lightning_nipq.quant.nipq_quantizer import NIPQConfig
+
+
+@dataclass
+class AttachResult:
+    """What `attach_quantizers` did: the quantized layers and everything it left alone, with why."""
+
+    quantized: list[str] = field(default_factory=list)
+    float_input: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def attach_quantizers(
+    model: nn.Module,
+    config: Optional[QuantizerFactory] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    float_input_layers: Optional[Sequence[str]] = None,
+) -> AttachResult:
+    """Quantize the weight and input of every supported layer of ``model``, in place.
+
+    ``config`` builds the quantizers: `lightning_nipq.NIPQConfig` (the default) NIPQ ones,
+    whose weights start with ``alpha = max|W|``, and `lightning_nipq.LSQConfig` LSQ ones.
+    Input quantizers start uncalibrated: they pass their input through until
+    `lightning_nipq.layers.calibrate_activations` (or their ``set_range``) gives them a
+    range and a sign.
+
+    ``float_input_layers`` names the layers whose input stays float; by default the first
+    supported layer in registration order, which takes the raw model input in most models.
+    """
+    config = config or NIPQConfig()
+    float_input_layers = check_patterns("float_input_layers", float_input_layers)
+    targets, skipped = plan_layers(model, include, exclude)
+    if not targets:
+        supported = supported_names()
+        detail = "; ".join(f"{n}: {r}" for n, r in skipped[:5])
+        raise ValueError(
+            f"{type(model).__name__} has no layer to quantize (supported: {supported})"
+            + (f"; left out: {detail}" if detail else "")
+            + ". Check include/exclude or add supported layers."
+        )
+    if float_input_layers is None:
+        float_inputs = {targets[0][0]}
+    else:
+        float_inputs = set(float_input_layers)
+        unknown = float_inputs - {n for n, _ in targets}
+        if unknown:
+            raise ValueError(f"float_input_layers {sorted(unknown)} are not among the quantized layers")
+    result = AttachResult(skipped=skipped)
+    for name, layer in targets:
+        kind = kind_of(layer)
+        assert kind is not None  # plan_layers returns quantizable layers only
+        kind.quantize(layer, config, float_input=name in float_inputs)
+        if name in float_inputs:
+            result.float_input.append(name)
+        result.quantized.append(name)
+    disable_transformer_fast_path(model)
+    return result
+
+
+def disable_transformer_fast_path(model: nn.Module) -> None:
+    """Keep ``nn.TransformerEncoderLayer`` from bypassing quantized or integer layers.
+
+    In eval, the layer may run one fused kernel that reads ``linear1``/``linear2`` weights
+    directly and skips their forward, and so our quantizers. The flag set here is only read
+    by that fast-path check.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+            is_quantized(m) or is_integer(m) for m in module.modules()
+        ):
+            module.activation_relu_or_gelu = 0
+
+
+def detach_quantizers(model: nn.Module) -> None:
+    """Undo `attach_quantizers`: the layers become plain float layers again."""
+    for _, layer in list(quantized_layers(model)):
+        kind = kind_of(layer)
+        assert kind is not None
+        kind.to_float(layer)

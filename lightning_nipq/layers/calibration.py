@@ -1,0 +1,51 @@
+"""Calibrating input quantizers on real batches, outside Lightning (the callbacks calibrate during training)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from lightning_nipq.layers.model_walk import quantizers
+from lightning_nipq.quant.observers import RangeObserver
+
+
+def calibrate_activations(
+    model: torch.nn.Module,
+    batches: Iterable[object],
+    forward: Callable[[object], object],
+    percentile: float = 99.9,
+) -> None:
+    """Calibrate every uncalibrated input quantizer of ``model`` by running ``forward`` on ``batches``.
+
+    For models quantized outside Lightning: ``forward(batch)`` should call the model.
+    """
+    observer = RangeObserver("percentile", percentile)
+    observe_inputs(model, batches, forward, observer)
+    observer.finish()
+
+
+def observe_inputs(
+    model: torch.nn.Module,
+    batches: Iterable[object],
+    forward: Callable[[object], object],
+    observer: RangeObserver,
+) -> None:
+    """Run ``forward`` on ``batches`` while ``observer`` records every uncalibrated input quantizer.
+
+    The quantizers pass their input through meanwhile, so every layer sees float inputs.
+    """
+    was_training = model.training
+    # Eval mode for the model (no BatchNorm updates, no dropout), train mode for the
+    # quantizers being observed, which record only while training.
+    model.eval()
+    for _, q in quantizers(model):
+        if not q.calibrated:
+            observer.watch(q)
+            q.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:  # type: ignore[union-attr]
+                forward(batch)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,322 @@
+"""The forms a quantizable layer takes, and `LayerKind`, which moves a layer between them.
+
+A layer is float (the user's ``nn.Linear``), fake-quantized (a quantizer on its weight and
+usually one on its input, the float maths on their outputs) or integer (weight codes and
+scales; inputs turned into codes; the layer's maths computed exactly on the codes before
+one rescale). A layer changes form by changing its class in place to a subclass of its
+float class. Changing the class rather than wrapping the layer keeps every parameter name
+(``conv.weight`` stays ``conv.weight``), keeps ``isinstance(layer, nn.Conv2d)`` true, and
+keeps a layer reachable under two names one object.
+
+The forms here are generic. A layer kind supplies its own maths through two methods, which
+both of its forms share (see `lightning_nipq.layers.torch_layers`):
+
+* ``apply_weight(input, weight, bias)``: the layer's own computation with the given weight;
+* ``reduction_size()``: how many products are summed into one output element;
+
+and ``per_output_channel(t)``, which shapes a per-output-channel vector to broadcast against
+the output. Integer exactness: every product of two codes and every partial sum is an
+integer of magnitude at most ``K * n_x * n_w`` (``K = reduction_size()``). Float32 holds every
+integer up to ``2**24`` exactly and float64 up to ``2**53``, so running the layer's own
+kernel on codes in the narrowest of the two that holds the bound is integer arithmetic. On
+CUDA, float32 kernels may use TF32, so float64 is used there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.codes import check_bit_width, code_dtype, num_levels
+from lightning_nipq.quant.fake_quant import integer_codes
+from lightning_nipq.quant.methods import QuantizerFactory
+
+FLOAT32_EXACT_LIMIT = 2**24
+FLOAT64_EXACT_LIMIT = 2**53
+#: The state of an integer layer besides its float parameters (the bias).
+INTEGER_STATE_KEYS = ("weight_codes", "weight_scale", "input_alpha", "_extra_state")
+
+
+class QuantizedLayerMixin:
+    """Fake-quantized form: quantizes the input and the weight, then runs the layer's own maths.
+
+    The kind's maths mixin provides ``apply_weight`` and ``reduction_size``.
+    """
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    weight_quantizer: BaseQuantizer
+    input_quantizer: Optional[BaseQuantizer]
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            input = self.input_quantizer(input)
+        weight = self.weight_quantizer(self.weight)
+        output = self.apply_weight(input, weight, self.bias)  # type: ignore[attr-defined]
+        if self.weight_quantizer.macs == 0:
+            self.weight_quantizer.macs = int(output.numel()) * self.reduction_size()  # type: ignore[attr-defined]
+        return output
+
+
+class IntegerLayerMixin:
+    """Integer form: state in buffers (``weight_codes``, ``weight_scale``, ``input_alpha``) and ``_extra_state``.
+
+    The kind's maths mixin provides ``apply_weight``, ``reduction_size`` and ``per_output_channel``.
+    """
+
+    weight_codes: Tensor
+    weight_scale: Tensor
+    input_alpha: Tensor
+    bias: Optional[Tensor]
+    weight_bits: int
+    input_bits: Optional[int]
+    input_signed: bool
+    input_numel: int  # elements of the input in the calibration batch, its weight in average bits
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (codes times scale), for code that reads ``layer.weight``."""
+        return self.weight_codes.float() * self.weight_scale
+
+    @property
+    def float_input(self) -> bool:
+        """True for a layer whose input is not quantized (by default the first layer)."""
+        return self.input_bits is None
+
+    def accumulator_dtype(self, device: torch.device) -> torch.dtype:
+        if self.input_bits is None:
+            return torch.float32  # float input: not integer arithmetic, see ``float_input``
+        # Python integers: no tensor, so no host sync and no graph break under torch.compile.
+        bound = self.reduction_size() * num_levels(self.input_bits, self.input_signed) * num_levels(self.weight_bits, True)
+        if bound >= FLOAT64_EXACT_LIMIT:
+            raise ValueError(f"integer accumulation bound {bound} exceeds float64's exact range")
+        if device.type == "cpu" and bound < FLOAT32_EXACT_LIMIT:
+            return torch.float32
+        return torch.float64
+
+    def input_scale(self) -> Tensor:
+        """The step of the input codes, ``input_alpha / n``."""
+        assert self.input_bits is not None
+        return self.input_alpha / num_levels(torch.tensor(float(self.input_bits)), self.input_signed)
+
+    def forward(self, input: Tensor) -> Tensor:
+        out_dtype = input.dtype if input.is_floating_point() else torch.float32
+        dtype = self.accumulator_dtype(input.device)
+        if self.input_bits is None:
+            codes_in = input.to(dtype)
+            scale = self.weight_scale
+        else:
+            bits = torch.tensor(float(self.input_bits), device=input.device)
+            codes_in = integer_codes(input.float(), self.input_alpha, bits, self.input_signed).to(dtype)
+            scale = self.input_scale() * self.weight_scale
+        accumulated = self.apply_weight(codes_in, self.weight_codes.to(dtype), None)
+        output = accumulated * scale.to(dtype)
+        if self.bias is not None:
+            output = output + self.per_output_channel(self.bias.to(dtype))
+        return output.to(out_dtype)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "weight_bits": self.weight_bits,
+            "input_bits": self.input_bits,
+            "input_signed": self.input_signed,
+            "input_numel": self.input_numel,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        self.weight_bits, self.input_bits, self.input_signed, self.input_numel = check_integer_state(state)
+
+
+def check_integer_state(state: Any) -> tuple[int, Optional[int], bool, int]:
+    """``(weight_bits, input_bits, input_signed, input_numel)`` of an integer layer's saved state, checked.
+
+    Raises:
+        ValueError: a value is missing, of the wrong type or out of range.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"an integer layer's saved state must be a dict, got {type(state).__name__}")
+    weight_bits = check_bit_width("weight_bits", state.get("weight_bits"), signed=True)
+    input_bits = state.get("input_bits")
+    input_signed = state.get("input_signed")
+    if not isinstance(input_signed, bool):
+        raise ValueError(f"input_signed must be True or False, got {input_signed!r}")
+    if input_bits is not None:
+        input_bits = check_bit_width("input_bits", input_bits, signed=input_signed)
+    input_numel = state.get("input_numel")
+    if isinstance(input_numel, bool) or not isinstance(input_numel, int) or input_numel < 0:
+        raise ValueError(f"input_numel must be a whole number >= 0, got {input_numel!r}")
+    return weight_bits, input_bits, input_signed, input_numel
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether ``layer`` is in its fake-quantized form."""
+    return isinstance(layer, QuantizedLayerMixin)
+
+
+def is_integer(layer: nn.Module) -> bool:
+    """Whether ``layer`` is in its integer form."""
+    return isinstance(layer, IntegerLayerMixin)
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One quantizable layer kind: its float class, its two quantized forms, and the moves between them.
+
+    The forms subclass the float class (and `QuantizedLayerMixin` or `IntegerLayerMixin`
+    with the kind's maths). The weight is the float layer's ``weight`` parameter and the
+    input is the first argument of ``forward``; a kind that differs overrides the methods
+    below. Everything else (attaching, checkpoints, the artifact, ONNX export, the report)
+    reads the registry of kinds (`lightning_nipq.layers.layer_kinds.LAYER_KINDS`) and calls
+    these methods, so a new kind needs one entry plus its forms.
+    """
+
+    float_type: type[nn.Module]
+    fake_quantized: type[nn.Module]
+    integer: type[nn.Module]
+
+    @property
+    def name(self) -> str:
+        """The float class's name, which the artifact and the report record."""
+        return self.float_type.__name__
+
+    def form_of(self, layer: nn.Module) -> Optional[str]:
+        """``"float"``, ``"fake"`` or ``"integer"`` if ``layer`` is exactly one of this kind's classes, else None."""
+        return {self.float_type: "float", self.fake_quantized: "fake", self.integer: "integer"}.get(type(layer))
+
+    def weight_shape(self, layer: nn.Module) -> tuple[int, ...]:
+        """The shape of the weight, in any form."""
+        if is_integer(layer):
+            return tuple(layer.weight_codes.shape)
+        return tuple(layer.weight.shape)
+
+    # ------------------------------------------------------------------ float -> fake-quantized
+    def quantize(self, layer: nn.Module, config: QuantizerFactory, float_input: bool = False) -> None:
+        """Give a float layer quantizers built by ``config`` (none on its input with ``float_input``)."""
+        weight_quantizer = config.weight_quantizer(layer.weight)
+        weight_quantizer.size = layer.weight.numel()
+        self.install_quantizers(layer, weight_quantizer, None if float_input else config.input_quantizer())
+
+    def install_quantizers(
+        self, layer: nn.Module, weight_quantizer: BaseQuantizer, input_quantizer: Optional[BaseQuantizer]
+    ) -> None:
+        """Turn a float layer into its fake-quantized form with the given quantizers."""
+        if type(layer) is not self.float_type:
+            raise TypeError(f"{type(layer).__name__} is not a plain {self.name}")
+        device = layer.weight.device
+        layer.__class__ = self.fake_quantized
+        layer.weight_quantizer = weight_quantizer.to(device)
+        layer.input_quantizer = None if input_quantizer is None else input_quantizer.to(device)
+
+    # ------------------------------------------------------------------ fake-quantized -> integer
+    def to_integer(self, layer: nn.Module) -> None:
+        """Turn a fake-quantized layer into its integer form, using its eval-mode quantizers.
+
+        The codes are computed with the same formula the fake quantizer uses, so the integer
+        layer's dequantized weights and inputs equal the fake-quantized ones exactly.
+        """
+        if type(layer) is not self.fake_quantized:
+            raise TypeError(f"{type(layer).__name__} is not a fake-quantized {self.name}")
+        wq = layer.weight_quantizer
+        with torch.no_grad():
+            w_bits = torch.tensor(float(wq.rounded_bits()), device=layer.weight.device)
+            w_alpha = wq.alpha.detach().float()
+            codes = integer_codes(layer.weight.detach().float(), w_alpha, w_bits, signed=True)
+            scale = (w_alpha / num_levels(w_bits, True)).detach()
+            iq = layer.input_quantizer
+            if iq is not None and iq.calibrated:
+                input_bits: Optional[int] = iq.rounded_bits()
+                input_alpha = iq.alpha.detach().float().clone()
+                input_signed, input_numel = iq.signed, iq.size
+            else:
+                input_bits, input_alpha, input_signed, input_numel = None, torch.zeros((), device=codes.device), True, 0
+        weight_bits = int(w_bits.item())
+        del layer.weight_quantizer
+        del layer.input_quantizer
+        del layer.weight
+        layer.__class__ = self.integer
+        self._set_integer_state(layer, codes.to(code_dtype(weight_bits)), scale, input_alpha, weight_bits, input_bits, input_signed, input_numel)
+
+    # ------------------------------------------------------------------ float -> integer
+    def integer_from_codes(
+        self,
+        layer: nn.Module,
+        weight_codes: Tensor,
+        weight_scale: Tensor,
+        input_alpha: Tensor,
+        weight_bits: int,
+        input_bits: Optional[int],
+        input_signed: bool,
+        input_numel: int,
+    ) -> None:
+        """Turn a plain float layer into its integer form from stored codes and scales, in place.
+
+        For loading a saved integer model: ``weight_codes`` (signed codes in ``[-n, n]``,
+        ``n = 2**(weight_bits - 1) - 1``) replace the float weight. Everything is checked
+        before the layer is touched.
+        """
+        if type(layer) is not self.float_type:
+            raise TypeError(f"{type(layer).__name__} is not a plain {self.name}")
+        weight_bits, input_bits, input_signed, input_numel = check_integer_state(
+            {"weight_bits": weight_bits, "input_bits": input_bits, "input_signed": input_signed, "input_numel": input_numel}
+        )
+        weight = layer.weight
+        if tuple(weight_codes.shape) != tuple(weight.shape):
+            raise ValueError(f"weight codes of shape {tuple(weight_codes.shape)} do not fit a weight of shape {tuple(weight.shape)}")
+        n = num_levels(weight_bits, True)
+        if weight_codes.numel() and (int(weight_codes.min()) < -n or int(weight_codes.max()) > n):
+            raise ValueError(f"weight codes exceed +-{n}, the range of {weight_bits}-bit codes")
+        device = weight.device
+        del layer.weight
+        layer.__class__ = self.integer
+        self._set_integer_state(
+            layer,
+            weight_codes.to(device=device, dtype=code_dtype(weight_bits)),
+            weight_scale.detach().to(device=device, dtype=torch.float32).reshape(()),
+            input_alpha.detach().to(device=device, dtype=torch.float32).reshape(()),
+            weight_bits,
+            input_bits,
+            input_signed,
+            input_numel,
+        )
+
+    @staticmethod
+    def _set_integer_state(
+        layer: nn.Module,
+        codes: Tensor,
+        scale: Tensor,
+        input_alpha: Tensor,
+        weight_bits: int,
+        input_bits: Optional[int],
+        input_signed: bool,
+        input_numel: int,
+    ) -> None:
+        layer.register_buffer("weight_codes", codes)
+        layer.register_buffer("weight_scale", scale)
+        layer.register_buffer("input_alpha", input_alpha)
+        layer.weight_bits = weight_bits
+        layer.input_bits = input_bits
+        layer.input_signed = input_signed
+        layer.input_numel = input_numel
+
+    # ------------------------------------------------------------------ any form -> float
+    def to_float(self, layer: nn.Module) -> None:
+        """Turn a fake-quantized layer back into its float form (its weight kept), or an integer
+        layer into a float one whose weight is zeros of the right shape (to be loaded)."""
+        form = self.form_of(layer)
+        if form == "fake":
+            del layer.weight_quantizer
+            del layer.input_quantizer
+        elif form == "integer":
+            shape, device = layer.weight_codes.shape, layer.weight_codes.device
+            for name in INTEGER_STATE_KEYS[:3]:
+                delattr(layer, name)
+            layer.__class__ = self.float_type
+            layer.weight = nn.Parameter(torch.zeros(shape, device=device))
+            return
+        elif form is None:
+            raise TypeError(f"{type(layer).__name__} is not a {self.name} in any form")
+        layer.__class__ = self.float_type

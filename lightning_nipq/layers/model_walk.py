@@ -1,0 +1,164 @@
+"""Walking a model: its quantized, integer and BatchNorm layers, its quantizers, and which layers to quantize.
+
+Every other module finds layers through these functions. A layer reachable under several
+names (a shared or tied module) is one layer: it is listed once, under its first name in
+registration order, and the alias-aware walk also returns its other names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from torch import nn
+
+from lightning_nipq.layers.forms import is_integer, is_quantized
+from lightning_nipq.layers.layer_kinds import LAYER_KINDS, kind_of, supported_names
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
+
+
+def named_layers(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> list[tuple[list[str], nn.Module]]:
+    """``([name, *aliases], module)`` for every module that satisfies ``predicate``, each once, in registration order."""
+    found: dict[int, tuple[list[str], nn.Module]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if predicate(module):
+            found.setdefault(id(module), ([], module))[0].append(name)
+    return list(found.values())
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every fake-quantized layer, each once, in registration order."""
+    for names, layer in named_layers(model, is_quantized):
+        yield names[0], layer
+
+
+def integer_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every integer layer, each once, in registration order."""
+    for names, layer in named_layers(model, is_integer):
+        yield names[0], layer
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, BaseQuantizer]]:
+    """``(name, quantizer)`` for every quantizer, weights before inputs within a layer."""
+    for name, layer in quantized_layers(model):
+        yield f"{name}.weight_quantizer", layer.weight_quantizer
+        if layer.input_quantizer is not None:
+            yield f"{name}.input_quantizer", layer.input_quantizer
+
+
+def _tracks_statistics(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer (1d, 2d, 3d, sync) of ``model`` that keeps running statistics, once each."""
+    return [m for _, m in named_layers(model, _tracks_statistics)]  # type: ignore[misc]
+
+
+def require_integer_model(model: nn.Module, action: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` unless ``model`` holds integer layers and no fake quantizer (before ``action``)."""
+    fake = [name for name, _ in quantized_layers(model)]
+    if fake:
+        raise error(f"{fake[:5]} still hold fake quantizers; call hard_quantize(model) before {action}")
+    if not any(True for _ in integer_layers(model)):
+        raise error(f"{type(model).__name__} has no integer layer; call hard_quantize(model) before {action}")
+
+
+# ---------------------------------------------------------------------- which layers to quantize
+def check_patterns(name: str, patterns: Any) -> Optional[list[str]]:
+    """``patterns`` as a list of module-name patterns (None stays None), or a `ValueError` naming ``name``."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{name} must be a list of module-name patterns (shell-style, such as 'encoder.*'), got {patterns!r}")
+    return list(patterns)
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether the module name matches any shell-style pattern."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def unquantizable_reason(module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
+    """Why a module that holds a matrix-like weight is not quantized, or None if it is a target (or holds none)."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "called by nn.MultiheadAttention through F.multi_head_attention_forward, not through its forward"
+    if isinstance(module, nn.MultiheadAttention):
+        return (
+            "nn.MultiheadAttention uses its packed in_proj_weight inside F.multi_head_attention_forward; "
+            "write the projections as nn.Linear layers to quantize them"
+        )
+    if kind_of(module) is not None:
+        return None
+    if isinstance(module, tuple(kind.float_type for kind in LAYER_KINDS)):
+        return f"{type(module).__name__} subclasses a supported layer and may override its forward"
+    if any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        return f"{type(module).__name__} is not a supported layer type ({supported_names()})"
+    return None
+
+
+def _parents(model: nn.Module) -> dict[int, nn.Module]:
+    return {id(child): module for module in model.modules() for child in module.children()}
+
+
+def plan_layers(
+    model: nn.Module,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """Float layers to quantize, in registration order, and ``(name, reason)`` for what is left out.
+
+    ``include``/``exclude`` are shell-style patterns on module names (``"encoder.*"``).
+    A pattern that matches no module is an error, since it is almost always a typo.
+
+    Raises:
+        ValueError: a pattern matches nothing, or a layer is quantized already.
+    """
+    include = check_patterns("include", include)
+    exclude = check_patterns("exclude", exclude) or []
+    named = dict(model.named_modules())
+    for pattern in (include or []) + exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in named if name):
+            raise ValueError(
+                f"pattern {pattern!r} matches no module of {type(model).__name__}; "
+                f"module names look like {[n for n in list(named)[1:6]]}"
+            )
+    parents = _parents(model)
+    targets: list[tuple[str, nn.Module]] = []
+    skipped: list[tuple[str, str]] = []
+    for name, module in named.items():
+        if not name:
+            continue
+        if is_quantized(module) or is_integer(module):
+            raise ValueError(f"{name} is already quantized; build the model afresh or call detach_quantizers first")
+        reason = unquantizable_reason(module, parents.get(id(module)))
+        if reason is not None:
+            skipped.append((name, reason))
+        elif kind_of(module) is None:
+            continue
+        elif include is not None and not matches(name, include):
+            skipped.append((name, "not matched by include"))
+        elif matches(name, exclude):
+            skipped.append((name, "matched by exclude"))
+        else:
+            targets.append((name, module))
+    return targets, skipped
+
+
+def left_in_float(model: nn.Module) -> list[tuple[str, str]]:
+    """Modules holding a matrix-like weight that are neither quantized nor integer, with why."""
+    parents = _parents(model)
+    out: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if not name or is_quantized(module) or is_integer(module):
+            continue
+        reason = unquantizable_reason(module, parents.get(id(module)))
+        if reason is None and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            reason = "excluded (include/exclude)"
+        if reason is not None:
+            out.append((name, reason))
+    return out

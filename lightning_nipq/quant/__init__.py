@@ -1,0 +1,32 @@
+"""The quantization maths and the quantizer modules: plain torch, no layers and no Lightning."""
+
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.codes import MAX_BITS, MIN_BITS, MIN_SIGNED_BITS, num_levels
+from lightning_nipq.quant.fake_quant import hard_fake_quant, integer_codes, noise_fake_quant, round_ste
+from lightning_nipq.quant.lsq_quantizer import LSQConfig, LSQQuantizer
+from lightning_nipq.quant.methods import QUANTIZER_METHODS, QuantizerFactory, quantizer_from_state
+from lightning_nipq.quant.nipq_quantizer import NIPQConfig, NIPQQuantizer
+from lightning_nipq.quant.observers import RangeObserver
+from lightning_nipq.quant.range_search import choose_alpha, quantization_mse
+
+__all__ = [
+    "BaseQuantizer",
+    "LSQConfig",
+    "LSQQuantizer",
+    "MAX_BITS",
+    "MIN_BITS",
+    "MIN_SIGNED_BITS",
+    "NIPQConfig",
+    "NIPQQuantizer",
+    "QUANTIZER_METHODS",
+    "QuantizerFactory",
+    "RangeObserver",
+    "choose_alpha",
+    "hard_fake_quant",
+    "integer_codes",
+    "noise_fake_quant",
+    "num_levels",
+    "quantization_mse",
+    "quantizer_from_state",
+    "round_ste",
+]

@@ -1,0 +1,280 @@
+"""`BaseQuantizer`: what every quantizer shares with the code around it.
+
+Attaching, calibration, the bit budget, the conversion to integers, the report and
+checkpoints only read the interface defined here: whole bits (`rounded_bits`, `bits`,
+`continuous_bits`, `frozen_bits`), the range (`alpha`, `signed`, `set_range`), the
+calibration state, the sizes, the configuration (`config`) and ``_extra_state``. A
+quantizer method (NIPQ, LSQ) fills in how its parameters give bits and range and how it
+quantizes.
+
+Every quantizer carries its whole configuration: `config` returns its constructor
+settings, they are checked in one place (`check_config`) whether they come from the
+constructor, from `configure` or from a saved state, and ``_extra_state`` saves them with
+the method's name, so a loader rebuilds exactly the quantizer that was saved
+(`lightning_nipq.quant.methods.quantizer_from_state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_nipq.quant.codes import MAX_BITS, MIN_BITS, MIN_SIGNED_BITS, num_levels
+from lightning_nipq.quant.fake_quant import round_ste
+
+
+@torch.compiler.disable
+def _observe(observer: Any, quantizer: "BaseQuantizer", x: Tensor) -> None:
+    # Calibration keeps Python statistics; traced, every value would be a guard and a
+    # recompile. Under torch.compile it runs eagerly, at the cost of a graph break.
+    observer.observe(quantizer, x)
+
+
+def check_bit_range(min_bits: Any, max_bits: Any) -> None:
+    """Raise a `ValueError` unless ``MIN_BITS <= min_bits <= max_bits <= MAX_BITS`` in whole numbers."""
+    for name, value in (("min_bits", min_bits), ("max_bits", max_bits)):
+        if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+            raise ValueError(f"{name} must be a whole number in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
+    if max_bits < min_bits:
+        raise ValueError(f"need min_bits <= max_bits, got min_bits={min_bits}, max_bits={max_bits}")
+
+
+class BaseQuantizer(nn.Module):
+    """A quantizer of one tensor onto symmetric signed or unsigned integer codes.
+
+    Codes are ``[-n, n]`` with ``n = 2**(b-1) - 1`` (signed) or ``[0, 2**b - 1]``
+    (unsigned), and the range is ``[-alpha, alpha]`` or ``[0, alpha]``. Subclasses
+    provide `alpha`, `continuous_bits`, `set_range`, ``_quantize`` (the calibrated
+    forward, in float32) and ``_parameters_in_use`` (a tensor touching every parameter).
+
+    Args:
+        config: the method's settings (`config`), checked by `check_config`: at least
+            ``signed`` (codes in ``[-alpha, alpha]`` rather than ``[0, alpha]``).
+        calibrated: ``False`` makes the quantizer pass its input through (and record it with
+            an attached observer) until `set_range` is called.
+    """
+
+    #: Names the method in checkpoints and manifests.
+    kind: ClassVar[str] = ""
+
+    def __init__(self, config: Mapping[str, Any], calibrated: bool) -> None:
+        super().__init__()
+        self.frozen_bits: Optional[int] = None
+        self._apply_config(self.check_config(config))
+        self.calibrated = bool(calibrated)
+        #: Set by the NIPQ callback during the anneal; quantizers without modes ignore it.
+        self.blend_modes = False
+        #: Elements quantized per forward (weights: the tensor; activations: one batch's input),
+        #: the weight of this quantizer in the average bit-width.
+        self.size = 0
+        #: Multiply-accumulates of the layer whose weight this quantizes, for the BOPs budget.
+        self.macs = 0
+        self.observer: Optional[Any] = None
+        #: A list (set by the callback while it calibrates) makes compiled code keep the
+        #: inputs here instead of calling the observer, which would break the graph; the
+        #: callback hands them over after each step with `flush_observations`.
+        self.deferred_observations: Optional[list[Tensor]] = None
+        #: Random source of quantizers that draw noise (None: torch's global one). The
+        #: callbacks set it on every quantizer.
+        self.generator: Optional[torch.Generator] = None
+
+    # ------------------------------------------------------------------ configuration
+    def config(self) -> dict[str, Any]:
+        """The settings that define this quantizer: its constructor arguments, less the starting values."""
+        return {key: getattr(self, key) for key in self.config_keys}
+
+    #: The names of the settings `config` returns; each is an attribute of the quantizer.
+    config_keys: ClassVar[tuple[str, ...]] = ("signed", "min_bits", "max_bits")
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` checked and normalised, or a `ValueError` naming the setting and the fix.
+
+        The one check of every setting: the constructor, `configure` and loading a saved
+        state all pass through it. Methods extend it for their own settings.
+        """
+        if not isinstance(config, Mapping) or set(config) != set(cls.config_keys):
+            got = sorted(config) if isinstance(config, Mapping) else type(config).__name__
+            raise ValueError(f"a {cls.kind or cls.__name__} quantizer's settings are {sorted(cls.config_keys)}, got {got}")
+        if not isinstance(config["signed"], bool):
+            raise ValueError(f"signed must be True or False, got {config['signed']!r}")
+        if "min_bits" in config:
+            check_bit_range(config["min_bits"], config["max_bits"])
+        return dict(config)
+
+    @classmethod
+    def bit_range(cls, config: Mapping[str, Any]) -> tuple[int, int]:
+        """``(min_bits, max_bits)`` of a checked configuration."""
+        return config["min_bits"], config["max_bits"]
+
+    def _apply_config(self, config: Mapping[str, Any]) -> None:
+        for key in self.config_keys:
+            setattr(self, key, config[key])
+
+    def configure(self, **settings: Any) -> None:
+        """Change some settings (checked as the constructor checks them), keeping the others."""
+        self._apply_config(self.check_config({**self.config(), **settings}))
+
+    # ------------------------------------------------------------------ for subclasses
+    @property
+    def alpha(self) -> Tensor:
+        """The truncation: the largest magnitude the codes represent."""
+        raise NotImplementedError
+
+    def continuous_bits(self) -> Tensor:
+        """The bit-width before rounding (the frozen value once frozen)."""
+        raise NotImplementedError
+
+    def set_range(self, alpha: float, signed: bool) -> None:
+        """Set the truncation and signedness (what calibration does) and start quantizing."""
+        raise NotImplementedError
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _parameters_in_use(self) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ mode
+    @property
+    def mode(self) -> str:
+        """Always ``"hard"``: straight-through fake quantization. NIPQ adds a ``"noise"`` mode."""
+        return "hard"
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode != "hard":
+            raise ValueError(f"{type(self).__name__} has only the 'hard' mode, got {mode!r}")
+
+    # ------------------------------------------------------------------ bits
+    @property
+    def lowest_bits(self) -> int:
+        return max(self.min_bits, MIN_SIGNED_BITS) if self.signed else self.min_bits
+
+    @property
+    def learns_bits(self) -> bool:
+        return self.frozen_bits is None
+
+    @property
+    def highest_bits(self) -> int:
+        # A 1-bit quantizer whose input turned out signed is promoted to 2 bits, the least
+        # symmetric codes need (clamping to 1 would leave n = 0 levels and divide by zero).
+        return max(self.max_bits, self.lowest_bits)
+
+    def _whole_bits(self, bits: Tensor) -> Tensor:
+        return torch.clamp(round_ste(bits), self.lowest_bits, self.highest_bits)
+
+    def bits(self, stochastic: bool = False) -> Tensor:
+        """Whole bits with a straight-through gradient to the continuous bits."""
+        return self._whole_bits(self.continuous_bits())
+
+    def rounded_bits(self) -> int:
+        """The bit-width eval mode uses now, as a Python integer."""
+        return int(self.bits().detach().item())
+
+    def freeze_bits(self, bits: Optional[int] = None) -> None:
+        """Freeze the bit-width at ``bits`` (by default the current rounded bits)."""
+        value = self.rounded_bits() if bits is None else int(bits)
+        # Signed codes below 2 bits are promoted to 2 when used (see highest_bits).
+        if not self.min_bits <= value <= self.highest_bits:
+            raise ValueError(f"cannot freeze at {value} bits: this quantizer's range is [{self.min_bits}, {self.highest_bits}]")
+        self.frozen_bits = value
+
+    def step_size(self) -> Tensor:
+        """``alpha / n`` at the current rounded bits."""
+        return self.alpha / num_levels(self.bits(), self.signed)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.calibrated:
+            if self.training and self.observer is not None:
+                if self.deferred_observations is not None and torch.compiler.is_compiling():
+                    # A graph break here would outlive calibration: Dynamo keeps the split
+                    # graph for as long as the guards before the break hold.
+                    self.deferred_observations.append(x.detach())
+                else:
+                    _observe(self.observer, self, x)
+            # Zero-weighted use of the parameters keeps DDP's reducer satisfied while the
+            # range is still being measured.
+            return x + self._parameters_in_use().to(x.dtype) * 0.0
+        # Rounding needs float32: in bf16 a 4-bit grid is already coarser than the data.
+        return self._quantize(x.float()).to(x.dtype)
+
+    def flush_observations(self) -> None:
+        """Give the observer the inputs that compiled code deferred (see ``deferred_observations``)."""
+        if not self.deferred_observations:
+            return
+        pending = list(self.deferred_observations)
+        self.deferred_observations.clear()  # in place: the compiled code holds this list
+        if self.observer is not None:
+            for x in pending:
+                self.observer.observe(self, x)
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "config": self.config(),
+            "frozen_bits": self.frozen_bits,
+            "calibrated": self.calibrated,
+            "size": self.size,
+            "macs": self.macs,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        config, rest = self.check_state(state)
+        self._apply_config(config)
+        self.frozen_bits, self.calibrated, self.size, self.macs = rest
+
+    @classmethod
+    def check_state(cls, state: Any) -> tuple[dict[str, Any], tuple[Optional[int], bool, int, int]]:
+        """The checked configuration and ``(frozen_bits, calibrated, size, macs)`` of a saved ``_extra_state``.
+
+        Raises:
+            ValueError: the state is not this method's, or a value is out of range.
+        """
+        if not isinstance(state, Mapping) or not isinstance(state.get("config"), Mapping):
+            raise ValueError(
+                f"not the saved state of a lightning-nipq quantizer (no 'config' entry): {type(state).__name__}; "
+                "it may come from an older lightning-nipq, whose checkpoints this version does not read"
+            )
+        if state.get("kind") != cls.kind:
+            raise ValueError(f"the saved state is of a {state.get('kind')!r} quantizer, not {cls.kind!r}")
+        config = cls.check_config(state["config"])
+        low, high = cls.bit_range(config)
+        if config["signed"]:
+            high = max(high, MIN_SIGNED_BITS)
+        frozen = state.get("frozen_bits")
+        if frozen is not None and (isinstance(frozen, bool) or not isinstance(frozen, int) or not low <= frozen <= high):
+            raise ValueError(f"frozen_bits={frozen!r} lies outside the quantizer's bits [{low}, {high}]")
+        calibrated = state.get("calibrated")
+        if not isinstance(calibrated, bool):
+            raise ValueError(f"calibrated must be True or False, got {calibrated!r}")
+        counts = []
+        for name in ("size", "macs"):
+            value = state.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+            counts.append(value)
+        return config, (frozen, calibrated, counts[0], counts[1])
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A float checkpoint has none of our keys: keep the quantizer as attached and
+        # calibrated instead of failing a strict load, so a float checkpoint still loads.
+        if not any(key.startswith(prefix) for key in state_dict):
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -1,0 +1,63 @@
+"""The integer code grid: which bit-widths exist, and how many levels each one has.
+
+Every other module asks this one. Signed codes are symmetric, ``[-n, n]`` with
+``n = 2**(b-1) - 1``, so that zero is exact and no zero point is needed (at the cost of
+one of the ``2**b`` levels); unsigned codes are ``[0, 2**b - 1]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union, overload
+
+import torch
+from torch import Tensor
+
+MIN_BITS = 1
+"""Fewest bits of any code."""
+MIN_SIGNED_BITS = 2
+"""Fewest bits of signed codes: symmetric codes at 1 bit would hold only zero."""
+MAX_BITS = 16
+"""Widest codes: the integer layers accumulate exactly in float64 (up to ``2**53``), and ONNX's
+QuantizeLinear holds at most 16-bit integers."""
+
+
+@overload
+def num_levels(bits: int, signed: bool) -> int: ...
+
+
+@overload
+def num_levels(bits: Tensor, signed: bool) -> Tensor: ...
+
+
+def num_levels(bits: Union[int, Tensor], signed: bool) -> Union[int, Tensor]:
+    """Largest integer code ``n``: codes lie in ``[-n, n]`` (signed) or ``[0, n]`` (unsigned).
+
+    ``bits`` is a Python integer (the answer is exact) or a tensor (the answer is a float
+    tensor, differentiable in continuous bits).
+    """
+    if isinstance(bits, Tensor):
+        return torch.pow(2.0, bits - 1.0) - 1.0 if signed else torch.pow(2.0, bits) - 1.0
+    return (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+
+
+def lowest_bits(signed: bool) -> int:
+    """The fewest bits codes of this signedness can have."""
+    return MIN_SIGNED_BITS if signed else MIN_BITS
+
+
+def is_bit_width(value: Any, signed: bool = False) -> bool:
+    """Whether ``value`` is a whole bit-width (not a bool) that codes of this signedness can have."""
+    return isinstance(value, int) and not isinstance(value, bool) and lowest_bits(signed) <= value <= MAX_BITS
+
+
+def check_bit_width(name: str, value: Any, signed: bool = False) -> int:
+    """``value`` as an ``int`` if `is_bit_width`, else a `ValueError` naming ``name`` and the allowed range."""
+    if not is_bit_width(value, signed):
+        why = " (signed codes need at least 2 bits)" if signed else ""
+        raise ValueError(f"{name} must be a whole number in [{lowest_bits(signed)}, {MAX_BITS}]{why}, got {value!r}")
+    return int(value)
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """The narrowest signed integer type that holds codes of ``bits`` bits."""
+    return torch.int8 if bits <= 8 else torch.int16

@@ -1,0 +1,210 @@
+"""LSQ (Esser et al., ICLR 2020): fixed bits, a learned step size, straight-through rounding.
+
+The baseline NIPQ is compared with. `LSQQuantizer` quantizes onto the same codes as
+`lightning_nipq.NIPQQuantizer` (symmetric signed ``[-n, n]`` or unsigned
+``[0, 2**b - 1]``, with ``alpha = s * n``), so attaching, `hard_quantize`, the integer
+layers, the report and checkpoints treat both alike. `LSQConfig` builds LSQ quantizers
+for `lightning_nipq.attach_quantizers`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, num_levels
+from lightning_nipq.quant.fake_quant import hard_fake_quant
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """``x`` in the forward pass; the gradient is multiplied by ``scale`` in the backward pass.
+
+    Written so that the forward value is bitwise ``x`` (``y - y.detach()`` is exactly zero):
+    the integer conversion recomputes the range from the parameter and must find the same float.
+    """
+    scaled = x * scale
+    return x.detach() + (scaled - scaled.detach())
+
+
+def lsq_init_alpha(x: Tensor, bits: int, signed: bool) -> float:
+    """The LSQ paper's initial step ``s = 2 mean|x| / sqrt(Qp)`` as a range ``alpha = s * Qp``.
+
+    Capped at ``max|x|``: a range past the largest value only wastes levels (at 8 bits the
+    paper's rule gives several times ``max|x|``).
+    """
+    magnitude = x.detach().abs().float()
+    qp = num_levels(bits, signed)
+    alpha = 2.0 * float(magnitude.mean()) * math.sqrt(qp)
+    return max(min(alpha, float(magnitude.max())), 1e-8)
+
+
+class LSQQuantizer(BaseQuantizer):
+    """Learned step size quantization: ``v = clamp(x / s, -Qn, Qp)``, ``out = round_ste(v) * s``.
+
+    The bit-width is fixed. The step ``s`` is a parameter whose gradient is LSQ's,
+    ``round(v) - v`` inside the range and ``-Qn`` or ``Qp`` where clipped, times the
+    gradient scale ``g = 1 / sqrt(numel * Qp)``. ``numel`` is the number of elements of
+    the tensor for a weight and of one sample (the tensor without its first dimension)
+    for an activation (``per_sample=True``). Signed codes are symmetric (``Qn = Qp = 2**(b-1) - 1``)
+    and unsigned ones ``[0, 2**b - 1]``, as NIPQ's, so ``alpha = s * Qp``. There is no
+    noise mode: training and eval both round.
+
+    Args:
+        bits: the fixed bit-width (signed quantizers need at least 2).
+        signed: codes in ``[-alpha, alpha]`` rather than ``[0, alpha]``.
+        init_alpha: starting range ``alpha = s * Qp``.
+        per_sample: the gradient scale counts the elements of one sample (activations)
+            rather than of the whole tensor (weights).
+        calibrated: ``False`` makes the quantizer pass its input through (and record it with
+            an attached observer) until `set_range` is called.
+
+    Example:
+
+        ```python
+        >>> q = LSQQuantizer(bits=3, signed=True, init_alpha=1.5)
+        >>> q.step.item()  # alpha / Qp
+        0.5
+        >>> torch.unique(q(torch.linspace(-2, 2, 101))).numel()
+        7
+        ```
+    """
+
+    kind = "lsq"
+    config_keys: ClassVar[tuple[str, ...]] = ("bits", "signed", "per_sample")
+
+    def __init__(
+        self,
+        bits: int = 4,
+        signed: bool = True,
+        init_alpha: float = 1.0,
+        per_sample: bool = False,
+        calibrated: bool = True,
+    ) -> None:
+        super().__init__({"bits": bits, "signed": signed, "per_sample": per_sample}, calibrated=calibrated)
+        if not init_alpha > 0:
+            raise ValueError(f"init_alpha must be positive, got {init_alpha}")
+        self.step = nn.Parameter(torch.tensor(init_alpha / num_levels(bits, signed)))
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        config = super().check_config(config)
+        check_bit_width("bits", config["bits"], signed=config["signed"])
+        if not isinstance(config["per_sample"], bool):
+            raise ValueError(f"per_sample must be True or False, got {config['per_sample']!r}")
+        return config
+
+    @classmethod
+    def bit_range(cls, config: Mapping[str, Any]) -> tuple[int, int]:
+        return config["bits"], config["bits"]
+
+    def config(self) -> dict[str, Any]:
+        return {"bits": self.max_bits, "signed": self.signed, "per_sample": self.per_sample}
+
+    def _apply_config(self, config: Mapping[str, Any]) -> None:
+        # The bit-width is fixed: it is the frozen bits and both ends of the range.
+        self.min_bits = self.max_bits = self.frozen_bits = config["bits"]
+        self.signed = config["signed"]
+        self.per_sample = config["per_sample"]
+
+    @property
+    def qp(self) -> int:
+        """The largest code (``Qn`` is the same for signed codes and 0 for unsigned ones)."""
+        return num_levels(self.max_bits, self.signed)
+
+    @property
+    def alpha(self) -> Tensor:
+        # abs: a step driven through zero by a large learning rate keeps a valid range (the
+        # forward pass is the same function of |s|) instead of turning the codes around.
+        return self.step.abs() * float(self.qp)
+
+    def continuous_bits(self) -> Tensor:
+        return self.step.detach() * 0.0 + float(self.max_bits)
+
+    def set_range(self, alpha: float, signed: bool) -> None:
+        """Set the range (``s = alpha / Qp``) and signedness, and start quantizing."""
+        if signed and self.max_bits < MIN_SIGNED_BITS:
+            raise ValueError(
+                f"a signed input needs at least {MIN_SIGNED_BITS} bits (symmetric 1-bit codes hold only zero); "
+                f"this quantizer has {self.max_bits}"
+            )
+        self.signed = bool(signed)
+        self.step.data.fill_(max(float(alpha), 1e-8) / self.qp)
+        self.calibrated = True
+
+    def gradient_scale(self, x: Tensor) -> float:
+        """LSQ's ``g = 1 / sqrt(numel * Qp)`` for the input ``x``."""
+        numel = x.numel() // x.shape[0] if self.per_sample and x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(max(numel, 1) * self.qp)
+
+    # ------------------------------------------------------------------ forward
+    def _parameters_in_use(self) -> Tensor:
+        return self.step
+
+    def _quantize(self, x32: Tensor) -> Tensor:
+        # hard_fake_quant computes round_ste(clamp(x / alpha, -1, 1) * Qp) * alpha / Qp, which
+        # for alpha = s * Qp is LSQ's round_ste(clamp(x / s, -Qn, Qp)) * s with LSQ's step
+        # gradient, and is the very formula the integer conversion uses for the codes.
+        step = scale_grad(self.step.abs(), self.gradient_scale(x32))
+        bits = torch.full((), float(self.max_bits), device=x32.device)
+        return hard_fake_quant(x32, step * float(self.qp), bits, self.signed)
+
+    def extra_repr(self) -> str:
+        kind = "signed" if self.signed else "unsigned"
+        return f"{kind}, bits={self.max_bits}, step={self.step.abs().item():.4g}, per_sample={self.per_sample}"
+
+
+@dataclass
+class LSQConfig:
+    """How `lightning_nipq.attach_quantizers` builds LSQ quantizers: fixed bits, LSQ's initial step.
+
+    Weights start from the LSQ paper's ``s = 2 mean|W| / sqrt(Qp)`` (capped at ``max|W|``).
+    Inputs start uncalibrated, and calibration (`lightning_nipq.calibrate_activations`,
+    the callbacks, or `lightning_nipq.post_training_quantize`) sets their range and sign.
+
+    Args:
+        weight_bits: bits of every weight (at least 2: weights are signed).
+        act_bits: bits of every quantized input; defaults to ``weight_bits``.
+    """
+
+    #: The quantizer method this config builds.
+    method: ClassVar[str] = LSQQuantizer.kind
+
+    weight_bits: int = 4
+    act_bits: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.act_bits is None:
+            self.act_bits = self.weight_bits
+        check_bit_width("weight_bits", self.weight_bits, signed=True)
+        check_bit_width("act_bits", self.act_bits)
+
+    def weight_quantizer(self, weight: Tensor) -> LSQQuantizer:
+        """A quantizer for ``weight``, with LSQ's initial step."""
+        alpha = lsq_init_alpha(weight, self.weight_bits, signed=True)
+        return LSQQuantizer(bits=self.weight_bits, signed=True, init_alpha=alpha)
+
+    def input_quantizer(self) -> LSQQuantizer:
+        """An uncalibrated input quantizer; calibration sets its range and sign."""
+        assert self.act_bits is not None
+        # Symmetric signed codes need 2 bits, so a 1-bit input starts unsigned (as ReLU
+        # outputs are); calibration refuses it if the input turns out signed.
+        return LSQQuantizer(bits=self.act_bits, signed=self.act_bits >= MIN_SIGNED_BITS, per_sample=True, calibrated=False)
+
+    def difference(self, quantizer: BaseQuantizer, role: str) -> Optional[str]:
+        """How a quantizer already on the model differs from what this config builds, or None."""
+        if not isinstance(quantizer, LSQQuantizer):
+            return f"its {role} quantizer is a {quantizer.kind!r} quantizer, not an LSQ one"
+        bits = self.weight_bits if role == "weight" else self.act_bits
+        if quantizer.max_bits != bits:
+            return f"its {role} quantizer has {quantizer.max_bits} bits, this configuration {bits}"
+        return None
+
+    def adopt(self, quantizer: BaseQuantizer, role: str) -> None:
+        """Nothing to apply: an LSQ quantizer's settings are its bits, which `difference` compares."""

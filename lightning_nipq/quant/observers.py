@@ -1,0 +1,129 @@
+"""`RangeObserver`: the range and sign of uncalibrated input quantizers, from the inputs they see.
+
+While a quantizer is uncalibrated it passes its input through and hands it to the
+observer watching it. When calibration ends, `RangeObserver.finish` sets each
+quantizer's range by one of `lightning_nipq.quant.range_search.RANGE_METHODS` and makes it
+signed if any observed value was negative:
+
+* ``"percentile"``: the mean over batches of each batch's percentile of ``|x|`` (what
+  NIPQ's calibration does);
+* ``"minmax"``: ``max|x|`` over all batches;
+* ``"mse"``: the clipping with the least quantization error, searched on a sample of
+  every batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.range_search import abs_percentile, check_range_method, mse_alpha, random_subset
+
+#: Elements of each input kept per calibration batch for the MSE search (the range itself
+#: and the sign come from every element).
+MSE_SAMPLES_PER_BATCH = 1 << 16
+
+#: Combines one statistic per quantizer across processes (DDP), returning the combined values.
+Reducer = Callable[[Tensor], Tensor]
+
+
+class RangeObserver:
+    """Records the inputs of the quantizers it watches, and sets their ranges and signs from them.
+
+    Args:
+        method: ``"percentile"``, ``"minmax"`` or ``"mse"`` (see the module's description).
+        percentile: the percentile of ``|x|`` for ``method="percentile"``.
+    """
+
+    def __init__(self, method: str = "percentile", percentile: float = 99.9) -> None:
+        check_range_method(method, percentile)
+        self.method = method
+        self.percentile = percentile
+        self._quantizers: dict[int, BaseQuantizer] = {}
+        # Sampling from the observer's own generator: the same calibration gives the same ranges.
+        self._generator = torch.Generator().manual_seed(0)
+        self._batches: dict[int, int] = {}
+        self._max: dict[int, float] = {}
+        self._min: dict[int, float] = {}
+        self._percentile_sum: dict[int, float] = {}
+        self._samples: dict[int, list[Tensor]] = {}
+
+    def watch(self, quantizer: BaseQuantizer) -> None:
+        """Have ``quantizer`` report its inputs here until `finish`."""
+        quantizer.observer = self
+        self._quantizers[id(quantizer)] = quantizer
+
+    @torch.no_grad()
+    def observe(self, quantizer: BaseQuantizer, x: Tensor) -> None:
+        """Record one input of ``quantizer``; the first one also sets its size (its weight in the average bits)."""
+        flat = x.detach().reshape(-1).float()
+        if flat.numel() == 0:
+            return
+        if quantizer.size == 0:
+            quantizer.size = flat.numel()
+        key = id(quantizer)
+        self._batches[key] = self._batches.get(key, 0) + 1
+        self._max[key] = max(self._max.get(key, 0.0), float(flat.abs().max()))
+        self._min[key] = min(self._min.get(key, float("inf")), float(flat.min()))
+        if self.method == "percentile":
+            value = abs_percentile(flat, self.percentile, self._generator)
+            self._percentile_sum[key] = self._percentile_sum.get(key, 0.0) + value
+        elif self.method == "mse":
+            self._samples.setdefault(key, []).append(random_subset(flat, MSE_SAMPLES_PER_BATCH, self._generator))
+
+    @property
+    def batches_seen(self) -> int:
+        """Most inputs any watched quantizer has recorded."""
+        return max(self._batches.values(), default=0)
+
+    def finish(
+        self,
+        reduce_mean: Optional[Reducer] = None,
+        reduce_min: Optional[Reducer] = None,
+        reduce_max: Optional[Reducer] = None,
+    ) -> None:
+        """Set every watched quantizer's range and sign, and stop observing.
+
+        ``reduce_mean``, ``reduce_min`` and ``reduce_max`` combine the statistics across
+        processes, so that every DDP rank ends with the same ranges. The MSE search needs
+        every sample in one place and is not combined.
+
+        Raises:
+            RuntimeError: a watched quantizer saw no input (its layer was never called).
+        """
+        watched = list(self._quantizers.items())
+        unseen = [key for key, _ in watched if key not in self._batches]
+        if unseen:
+            raise RuntimeError(
+                f"{len(unseen)} input quantizer(s) saw no calibration data: their layers were never called. Give at "
+                "least one batch and check that the forward (training_step, or forward/input_fn) calls every "
+                "quantized layer, or exclude the layers it skips (exclude=[...])"
+            )
+        keys = [key for key, _ in watched]
+        lows = torch.tensor([self._min[k] for k in keys], dtype=torch.float64)
+        if reduce_min is not None:
+            lows = reduce_min(lows)
+        if self.method == "percentile":
+            alphas = torch.tensor([self._percentile_sum[k] / self._batches[k] for k in keys], dtype=torch.float64)
+            if reduce_mean is not None:
+                alphas = reduce_mean(alphas)
+        elif self.method == "minmax":
+            alphas = torch.tensor([self._max[k] for k in keys], dtype=torch.float64)
+            if reduce_max is not None:
+                alphas = reduce_max(alphas)
+        else:
+            alphas = torch.tensor(
+                [
+                    mse_alpha(torch.cat(self._samples[k]), q.rounded_bits(), signed=low < 0.0)
+                    for (k, q), low in zip(watched, lows.tolist())
+                ],
+                dtype=torch.float64,
+            )
+        for (_, quantizer), alpha, low in zip(watched, alphas.tolist(), lows.tolist()):
+            quantizer.set_range(alpha if alpha > 0 else 1.0, signed=low < 0.0)
+            quantizer.observer = None
+        self._quantizers.clear()
+        self._samples.clear()

@@ -1,0 +1,89 @@
+"""Searching the range (the clipping ``alpha``) of a tensor: min-max, a percentile of ``|x|``, or the least MSE.
+
+Used to start weight ranges (NIPQ's ``weight_init="mse"``), by post-training quantization,
+and by the calibration observers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_nipq.quant.codes import num_levels
+from lightning_nipq.quant.fake_quant import integer_codes
+
+#: ``torch.quantile`` refuses inputs above 2**24 elements; a random subset is plenty.
+MAX_SAMPLES = 1 << 20
+RANGE_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")
+#: Clipping ratios tried per stage of the MSE search (a coarse grid, then a fine one around its best).
+MSE_GRID = 100
+#: Candidates times elements evaluated at once, to bound the memory of the vectorised search.
+_CHUNK = 1 << 21
+
+
+def random_subset(flat: Tensor, count: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    if flat.numel() <= count:
+        return flat
+    index = torch.randint(flat.numel(), (count,), generator=generator).to(flat.device)
+    return flat[index]
+
+
+def quantization_mse(x: Tensor, alphas: Tensor, bits: int, signed: bool) -> Tensor:
+    """Mean squared error of fake-quantizing ``x`` at each range in ``alphas``: one value per range.
+
+    Uses the quantizers' own formula (`lightning_nipq.quant.integer_codes` times ``alpha / n``),
+    vectorised over the ranges and chunked over the elements.
+    """
+    flat = x.detach().reshape(-1).float()
+    alphas = torch.as_tensor(alphas, dtype=torch.float32, device=flat.device).reshape(-1, 1)
+    b = torch.tensor(float(bits), device=flat.device)
+    scale = alphas / num_levels(b, signed)
+    total = torch.zeros(alphas.shape[0], dtype=torch.float64, device=flat.device)
+    rows = max(1, _CHUNK // alphas.shape[0])
+    for part in flat.split(rows):
+        error = integer_codes(part.unsqueeze(0), alphas, b, signed) * scale - part.unsqueeze(0)
+        total += error.square().sum(dim=1, dtype=torch.float64)
+    return total / max(flat.numel(), 1)
+
+
+def mse_alpha(x: Tensor, bits: int, signed: bool, grid: int = MSE_GRID) -> float:
+    """The range minimising `quantization_mse` of ``x``: ``grid`` clipping ratios of ``max|x|``, then as many around the best.
+
+    Never worse than min-max: the ratio 1 is among the candidates.
+    """
+    flat = x.detach().reshape(-1).float()
+    top = float(flat.abs().max()) if flat.numel() else 0.0
+    if top == 0.0:
+        return 1e-8
+    coarse = torch.linspace(1.0 / grid, 1.0, grid)
+    best = float(coarse[torch.argmin(quantization_mse(flat, coarse * top, bits, signed))])
+    fine = torch.linspace(max(best - 1.0 / grid, 1.0 / grid**2), min(best + 1.0 / grid, 1.0), grid)
+    fine = torch.cat([fine, torch.tensor([best])])  # the fine stage can only improve on the coarse one
+    return float(fine[torch.argmin(quantization_mse(flat, fine * top, bits, signed))]) * top
+
+
+def abs_percentile(x: Tensor, percentile: float, generator: Optional[torch.Generator] = None) -> float:
+    """The ``percentile`` (0-100) of ``|x|``, from a random subset above `MAX_SAMPLES` elements."""
+    flat = x.detach().reshape(-1).float().abs()
+    return float(torch.quantile(random_subset(flat, MAX_SAMPLES, generator), percentile / 100.0))
+
+
+def choose_alpha(x: Tensor, bits: int, signed: bool, method: str = "minmax", percentile: float = 99.99) -> float:
+    """The range of one tensor by ``method``: ``"minmax"`` (``max|x|``), ``"percentile"`` or ``"mse"``."""
+    check_range_method(method, percentile)
+    if method == "minmax":
+        alpha = float(x.detach().abs().max())
+    elif method == "percentile":
+        alpha = abs_percentile(x, percentile)
+    else:
+        alpha = mse_alpha(x, bits, signed)
+    return max(alpha, 1e-8)
+
+
+def check_range_method(method: str, percentile: float) -> None:
+    if method not in RANGE_METHODS:
+        raise ValueError(f"method must be one of {RANGE_METHODS}, got {method!r}")
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")

@@ -1,0 +1,281 @@
+"""The bit-budget regulariser and the final fit of whole bits to the budget. Plain torch.
+
+Two budgets (DESIGN.md section 2, with the released code's bugs fixed):
+
+``"avg_bits"``
+    ``SmoothL1(avg_w, target_w) + SmoothL1(avg_a, target_a)`` where ``avg_w`` is the
+    element-weighted mean of the weight quantizers' (straight-through rounded) bits and
+    ``avg_a`` that of the input quantizers only. Normalising by the element count makes
+    the penalty a number of bits, independent of model size.
+``"bops"``
+    ``SmoothL1(BOPs / MACs, target_w * target_a)``: the MAC-weighted mean of
+    ``b_w * b_a`` over layers, so activation bits get their gradient too. A layer whose
+    input stays float counts with ``b_a = 32``, in the target as well.
+
+Both are two-sided: bits below the target are pushed up as well.
+
+When bits freeze, `BitBudget.fit` picks whole bits that meet the budget exactly as the loss
+measures it (`fit_bits_to_budget` for average bits, `fit_bops_to_budget` for BOPs), nearest
+to the learned bits, so the integer model never exceeds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_nipq.layers.model_walk import quantized_layers
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
+
+BUDGETS: tuple[str, ...] = ("avg_bits", "bops")
+FLOAT_BITS = 32.0
+#: A layer's ``(weight quantizer, input quantizer or None)``.
+Pair = tuple[BaseQuantizer, Optional[BaseQuantizer]]
+
+
+def _layer_quantizers(model: nn.Module) -> list[Pair]:
+    return [(layer.weight_quantizer, layer.input_quantizer) for _, layer in quantized_layers(model)]
+
+
+def average_bits(quantizers: Sequence[BaseQuantizer]) -> Optional[Tensor]:
+    """Element-weighted mean of the rounded bits (straight-through), None if nothing has a size yet."""
+    sized = [q for q in quantizers if q.size > 0]
+    if not sized:
+        return None
+    total = float(sum(q.size for q in sized))
+    return torch.stack([q.bits() * (q.size / total) for q in sized]).sum()
+
+
+def weight_and_act_average_bits(model: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(avg weight bits, avg input bits)`` of a fake-quantized model; calibrated inputs only."""
+    return pair_average_bits(_layer_quantizers(model))
+
+
+def pair_average_bits(
+    pairs: Sequence[Pair],
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """As `weight_and_act_average_bits`, for ``(weight quantizer, input quantizer)`` pairs."""
+    weights = [w for w, _ in pairs]
+    inputs = [a for _, a in pairs if a is not None and a.calibrated]
+    return average_bits(weights), average_bits(inputs)
+
+
+@dataclass
+class BitBudget:
+    """The regulariser for one target. ``target_act_bits`` defaults to ``target_bits``."""
+
+    target_bits: float
+    target_act_bits: Optional[float] = None
+    budget: str = "avg_bits"
+
+    def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        if self.target_act_bits is None:
+            self.target_act_bits = self.target_bits
+
+    def loss(self, model: nn.Module) -> Tensor:
+        """The penalty for the model's current bits; zero (with no graph) if no bit is learnable."""
+        return self.loss_of(_layer_quantizers(model))
+
+    def loss_of(self, pairs: Sequence[Pair]) -> Tensor:
+        """The penalty for ``(weight quantizer, input quantizer or None)`` pairs, one per layer."""
+        device = pairs[0][0].alpha.device if pairs else torch.device("cpu")
+        if self.budget == "bops":
+            return self._bops_loss(pairs, device)
+        total = torch.zeros((), device=device)
+        weights = [w for w, _ in pairs]
+        inputs = [a for _, a in pairs if a is not None and a.calibrated]
+        for group, target in ((weights, self.target_bits), (inputs, self.target_act_bits)):
+            if not any(q.learns_bits for q in group):
+                continue
+            avg = average_bits(group)
+            if avg is not None:
+                total = total + F.smooth_l1_loss(avg, torch.full_like(avg, float(target)))
+        return total
+
+    def fit(self, pairs: Sequence[Pair]) -> dict[int, int]:
+        """Whole bits for the ``(weight quantizer, input quantizer or None)`` pairs that meet this budget.
+
+        ``"avg_bits"`` fits weights and inputs to their own targets (`fit_bits_to_budget`),
+        ``"bops"`` both together (`fit_bops_to_budget`). Returns ``{id(quantizer): bits}``.
+        """
+        if self.budget == "bops":
+            return fit_bops_to_budget(pairs, self.target_bits, float(self.target_act_bits))  # type: ignore[arg-type]
+        weights = [w for w, _ in pairs]
+        inputs = [a for _, a in pairs if a is not None]
+        return {**fit_bits_to_budget(weights, self.target_bits), **fit_bits_to_budget(inputs, float(self.target_act_bits))}  # type: ignore[arg-type]
+
+    def excess(self, pairs: Sequence[Pair]) -> list[tuple[str, float, float]]:
+        """``(what, learned value, target)`` for each quantity the budget bounds, from the learned (rounded) bits."""
+        if self.budget == "bops":
+            measured = [(w, a) for w, a in pairs if w.macs > 0]
+            if not measured:
+                return []
+            macs = float(sum(w.macs for w, _ in measured))
+            learned = target = 0.0
+            for w, a in measured:
+                quantized_input = a is not None and a.calibrated
+                act_bits = float(a.bits()) if quantized_input else FLOAT_BITS  # type: ignore[union-attr]
+                act_target = float(self.target_act_bits) if quantized_input else FLOAT_BITS  # type: ignore[arg-type]
+                learned += w.macs / macs * float(w.bits()) * act_bits
+                target += w.macs / macs * self.target_bits * act_target
+            return [("BOPs per MAC", learned, target)]
+        rows = []
+        weights = [w for w, _ in pairs]
+        inputs = [a for _, a in pairs if a is not None]
+        for label, group, target_value in (
+            ("average weight bits", weights, self.target_bits),
+            ("average input bits", inputs, float(self.target_act_bits)),  # type: ignore[arg-type]
+        ):
+            if not any(q.learns_bits and q.calibrated for q in group):
+                continue
+            value = average_bits(group)
+            if value is not None:
+                rows.append((label, float(value), float(target_value)))
+        return rows
+
+    def _bops_loss(
+        self, pairs: Sequence[Pair], device: torch.device
+    ) -> Tensor:
+        measured = [(w, a) for w, a in pairs if w.macs > 0]
+        learnable = any(w.learns_bits or (a is not None and a.learns_bits) for w, a in measured)
+        if not measured or not learnable:
+            return torch.zeros((), device=device)
+        macs = float(sum(w.macs for w, _ in measured))
+        bops = []
+        target = 0.0
+        for w, a in measured:
+            quantized_input = a is not None and a.calibrated
+            act_bits = a.bits() if quantized_input else torch.tensor(FLOAT_BITS, device=device)
+            share = w.macs / macs
+            bops.append(w.bits() * act_bits * share)
+            target += share * float(self.target_bits) * (float(self.target_act_bits) if quantized_input else FLOAT_BITS)
+        mean = torch.stack(bops).sum()
+        return F.smooth_l1_loss(mean, torch.full_like(mean, target))
+
+
+#: Budget resolution of the fits: the dynamic programme tracks at most this many states.
+MAX_BUDGET_STATES = 1 << 18
+
+
+def _cheapest_within(items: Sequence[Sequence[tuple[int, float]]], budget: float) -> Optional[list[int]]:
+    """One option per item, ``(cost, distance)`` each, minimising the total distance with total cost <= ``budget``.
+
+    A knapsack solved exactly by dynamic programming over the budget, discretised
+    conservatively: exact when the budget in units of the costs' gcd fits in the table (it
+    nearly always does: layer sizes share large powers of two); otherwise each cost is
+    rounded up, so the true total never exceeds the budget. None if no choice fits.
+    """
+    gcd = functools.reduce(math.gcd, (cost for options in items for cost, _ in options))
+    if gcd == 0:
+        return [0 for _ in items]
+    exact_states = math.floor(budget / gcd + 1e-9)
+    if exact_states < 0:
+        return None
+    if exact_states <= MAX_BUDGET_STATES:
+        states, unit = exact_states, float(gcd)
+    else:
+        states, unit = MAX_BUDGET_STATES, budget / MAX_BUDGET_STATES
+    infinity = float("inf")
+    total = torch.full((states + 1,), infinity, dtype=torch.float64)
+    total[0] = 0.0
+    picks: list[Tensor] = []
+    for options in items:
+        best = torch.full_like(total, infinity)
+        pick = torch.full((states + 1,), -1, dtype=torch.int64)
+        for index, (cost, distance) in enumerate(options):
+            used = math.ceil(cost / unit - 1e-9)
+            if used > states:
+                continue
+            shifted = torch.full_like(total, infinity)
+            shifted[used:] = total[: states + 1 - used] + distance
+            better = shifted < best
+            best = torch.where(better, shifted, best)
+            pick = torch.where(better, torch.full_like(pick, index), pick)
+        total = best
+        picks.append(pick)
+    if not torch.isfinite(total).any():
+        return None
+    state = int(torch.argmin(total))
+    chosen: list[int] = []
+    for options, pick in zip(reversed(items), reversed(picks)):
+        index = int(pick[state])
+        chosen.append(index)
+        state -= math.ceil(options[index][0] / unit - 1e-9)
+    return chosen[::-1]
+
+
+def _bit_options(q: BaseQuantizer) -> list[int]:
+    return list(range(q.lowest_bits, q.highest_bits + 1)) if q.learns_bits else [q.rounded_bits()]
+
+
+def fit_bits_to_budget(quantizers: Sequence[BaseQuantizer], target: float) -> dict[int, int]:
+    """Whole bits, one per quantizer, whose element-weighted mean is at most ``target``.
+
+    Among all such assignments it returns the one closest to the learned continuous bits,
+    measured as the element-weighted squared distance (see `_cheapest_within`). When the
+    learned bits already meet the budget this is just their rounding. Frozen quantizers keep
+    their bits. Rounding each layer on its own cannot do this: with a few large layers, the
+    one budget-meeting rounding may need a small layer cut by two bits rather than a large
+    one by one. Returns ``{id(quantizer): bits}``.
+    """
+    sized = [q for q in quantizers if q.size > 0]
+    if not sized:
+        return {}
+    total = float(sum(q.size for q in sized))
+    options = [_bit_options(q) for q in sized]
+    items = []
+    for q, opts in zip(sized, options):
+        learned = float(q.continuous_bits().detach())
+        items.append([(q.size * b, q.size * (b - learned) ** 2) for b in opts])
+    chosen = _cheapest_within(items, target * total)
+    if chosen is None:
+        # Even the lowest bits break the budget: give every layer its lowest bits.
+        return {id(q): opts[0] for q, opts in zip(sized, options)}
+    return {id(q): opts[index] for q, opts, index in zip(sized, options, chosen)}
+
+
+def fit_bops_to_budget(pairs: Sequence[Pair], target_bits: float, target_act_bits: float) -> dict[int, int]:
+    """Whole weight and input bits whose MAC-weighted mean of ``b_w * b_a`` is at most the BOPs target.
+
+    The target is the loss's: ``target_bits * target_act_bits`` per MAC, with ``b_a = 32`` for
+    a layer whose input stays float (or is not calibrated), in the target as well. Among the
+    assignments that meet it, the one nearest to the learned bits is returned (squared
+    distance, each quantizer weighted by its share of the weight or input elements). Layers
+    that have not run yet (no MACs) keep their rounded bits. Returns ``{id(quantizer): bits}``.
+    """
+    measured = [(w, a if a is not None and a.calibrated else None) for w, a in pairs if w.macs > 0]
+    if not measured:
+        return {}
+    weight_total = float(sum(w.size for w, _ in measured)) or 1.0
+    input_total = float(sum(a.size for _, a in measured if a is not None)) or 1.0
+    budget = 0.0
+    items = []
+    choices = []
+    for w, a in measured:
+        w_learned = float(w.continuous_bits().detach())
+        w_opts = _bit_options(w)
+        if a is None:
+            a_opts, a_learned, a_share = [int(FLOAT_BITS)], float(FLOAT_BITS), 0.0
+        else:
+            a_opts, a_learned, a_share = _bit_options(a), float(a.continuous_bits().detach()), a.size / input_total
+        w_share = w.size / weight_total
+        options = [(bw, ba) for bw in w_opts for ba in a_opts]
+        choices.append(options)
+        items.append([(w.macs * bw * ba, w_share * (bw - w_learned) ** 2 + a_share * (ba - a_learned) ** 2) for bw, ba in options])
+        budget += w.macs * float(target_bits) * (float(target_act_bits) if a is not None else FLOAT_BITS)
+    chosen = _cheapest_within(items, budget)
+    bits: dict[int, int] = {}
+    for (w, a), options, index in zip(measured, choices, chosen or [0] * len(measured)):
+        bw, ba = options[index]  # the first option is the lowest bits, used when nothing fits
+        bits[id(w)] = bw
+        if a is not None:
+            bits[id(a)] = ba
+    return bits
