@@ -14,15 +14,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_nipq.callbacks.module_hooks import find_callback, install_load_hook
+from lightning_nipq.callbacks.module_hooks import find_callback, install_load_hook, seal_when_saved
 from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTraining
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.convert.comparison import check_report, check_tolerances
 from lightning_nipq.convert.report import QuantizationReport
 from lightning_nipq.convert.report_rendering import logger_directory, print_report, save_bit_allocation_figure
 from lightning_nipq.convert.steps import convert_and_compare, freeze_quantizers, recalibrate_batchnorm
-from lightning_nipq.layers.model_calls import InputFn
-from lightning_nipq.layers.model_walk import batchnorm_layers
+from lightning_nipq.layers.model_calls import InputFn, default_input_fn
+from lightning_nipq.layers.model_walk import batchnorm_layers, quantized_layers
 from lightning_nipq.saving.checkpoint import MANIFEST_KEY, quantization_manifest
 
 #: File name of the bit-allocation figure in the logger's directory.
@@ -92,6 +92,11 @@ class HardQuantize(Callback):
         self.bn_batches = _check_batches("bn_batches", bn_batches, "re-estimation")
         self.compare_batches = _check_batches("compare_batches", compare_batches, "the comparison")
         check_tolerances(min_agreement, max_rel_diff)
+        if input_fn is not None and not callable(input_fn):
+            raise ValueError(f"input_fn must be a function from a batch to the model input, got {type(input_fn).__name__}")
+        for name, value in (("run_validation", run_validation), ("verbose", verbose), ("save_figure", save_figure)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         self.min_agreement = min_agreement
         self.max_rel_diff = max_rel_diff
         self.input_fn = input_fn
@@ -100,7 +105,8 @@ class HardQuantize(Callback):
         self.save_figure = save_figure
         self.figure_path: Optional[Path] = None
         self.report: Optional[QuantizationReport] = None
-        self._remove_load_hook: Optional[Callable[[], None]] = None
+        self._remove_hooks: Optional[Callable[[], None]] = None
+        self._checked_batches: set[str] = set()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy, "HardQuantize")
@@ -111,18 +117,67 @@ class HardQuantize(Callback):
                 "Use strategy='ddp', or convert afterwards with lightning_nipq.hard_quantize on a model loaded with "
                 "load_nipq_checkpoint."
             )
+        if stage == "fit":
+            if find_callback(trainer, QuantizationAwareTraining) is None and not any(True for _ in quantized_layers(pl_module)):
+                raise ValueError(
+                    f"HardQuantize converts a model with quantizers, and {type(pl_module).__name__} has none: add "
+                    "NIPQCallback or LSQCallback to the Trainer's callbacks, or quantize the model before fit "
+                    "(attach_quantizers, post_training_quantize)"
+                )
+            self.report = None  # a reused callback converts afresh
+            self.figure_path = None
+            self._checked_batches = set()
         # trainer.validate/test(ckpt_path=...) after conversion: the checkpoint may hold the
         # fake-quantized model; rebuild its layers before Lightning loads the state dict.
-        self._remove_load_hook = install_load_hook(pl_module)
+        self._remove_hooks = install_load_hook(pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._remove_load_hook is not None:
-            self._remove_load_hook()
-            self._remove_load_hook = None
+        self._remove_hook()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_hook()  # Lightning runs no teardown hook of the callbacks when fit raises
+
+    def _remove_hook(self) -> None:
+        if self._remove_hooks is not None:
+            self._remove_hooks()
+            self._remove_hooks = None
+
+    # ------------------------------------------------------------------ early checks
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if isinstance(self.bn_batches, int) and self.bn_batches or self._compare_loader(trainer) is trainer.train_dataloader:
+            self._check_batch("training", batch)
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.state.fn == "fit" and isinstance(self.compare_batches, int) and self.compare_batches:
+            self._check_batch("validation", batch)
+
+    def _check_batch(self, loader: str, batch: Any) -> None:
+        # The batches are only used after training: find out now, not hours later, that
+        # the model input cannot be told in them.
+        if loader in self._checked_batches:
+            return
+        self._checked_batches.add(loader)
+        try:
+            (self.input_fn or default_input_fn)(batch)
+        except Exception as e:
+            raise ValueError(
+                f"HardQuantize cannot find the model input in a {loader} batch ({type(e).__name__}: {e}); pass "
+                "HardQuantize(input_fn=lambda batch: ...) returning it (a tuple is passed as *args, a dict as **kwargs)"
+            ) from e
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.report is None and not trainer.interrupted:
+            raise RuntimeError(
+                "HardQuantize: the fit ran no training step, so nothing was calibrated or converted; check the "
+                "training dataloader and limit_train_batches/max_steps"
+            )
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if MANIFEST_KEY not in checkpoint:  # NIPQCallback, when present, writes a fuller one
             checkpoint[MANIFEST_KEY] = quantization_manifest(pl_module, converted=self.report is not None)
+            seal_when_saved(pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         training = find_callback(trainer, QuantizationAwareTraining)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_nipq.saving.checkpoint import NIPQCheckpointMixin, prepare_for_checkpoint
+from lightning_nipq.saving.checkpoint import NIPQCheckpointMixin, prepare_for_checkpoint, seal_manifest
 
 CallbackT = TypeVar("CallbackT", bound=Callback)
 _ABSENT = object()
@@ -62,6 +62,29 @@ def install_load_hook(pl_module: LightningModule) -> Optional[Callable[[], None]
         return on_load_checkpoint
 
     return wrap_method(pl_module, "on_load_checkpoint", make)
+
+
+def seal_when_saved(pl_module: LightningModule) -> None:
+    """Seal this checkpoint's manifest (its state digest) at the end of the save under way.
+
+    Called from a callback's ``on_save_checkpoint``. Lightning calls the module's own
+    ``on_save_checkpoint`` after every callback's, so a wrapper put on it here for this one
+    save seals the state dict as it is finally written, even when a callback after ours
+    replaces it (weight averaging, pruning). The wrapper takes itself off as it runs.
+    """
+    if getattr(vars(pl_module).get("on_save_checkpoint"), "seals_nipq_manifest", False):
+        return  # another callback of ours asked already
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            undo()
+            original(checkpoint)
+            seal_manifest(checkpoint)
+
+        on_save_checkpoint.seals_nipq_manifest = True  # type: ignore[attr-defined]
+        return on_save_checkpoint
+
+    undo = wrap_method(pl_module, "on_save_checkpoint", make)
 
 
 def find_callback(trainer: Trainer, cls: type[CallbackT]) -> Optional[CallbackT]:

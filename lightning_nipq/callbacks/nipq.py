@@ -271,6 +271,7 @@ class NIPQCallback(QuantizationAwareTraining):
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         assert self.schedule is not None
         self._bit_loss_calls = 0
         epoch = trainer.current_epoch

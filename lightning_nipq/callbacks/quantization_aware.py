@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_nipq.callbacks.module_hooks import install_load_hook
+from lightning_nipq.callbacks.module_hooks import install_load_hook, seal_when_saved
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.layers.attach import attach_quantizers
 from lightning_nipq.layers.model_walk import check_patterns, quantized_layers, quantizers
@@ -73,8 +73,12 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"quantizer_lr_factor must be a finite number > 0, got {quantizer_lr_factor!r}")
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be a whole number >= 1, got {calibration_batches!r}")
-        if not isinstance(calibration_percentile, (int, float)) or not 0 < calibration_percentile <= 100:
-            raise ValueError(f"calibration_percentile must be in (0, 100], got {calibration_percentile!r}")
+        if isinstance(calibration_percentile, bool) or not isinstance(calibration_percentile, (int, float)) or not (
+            0 < calibration_percentile <= 100
+        ):
+            raise ValueError(f"calibration_percentile must be a number in (0, 100], got {calibration_percentile!r}")
+        if not isinstance(log_per_layer, bool):
+            raise ValueError(f"log_per_layer must be True or False, got {log_per_layer!r}")
         self.quantizer_config = config
         self.quantizer_lr_factor = float(quantizer_lr_factor)
         self.include = check_patterns("include", include)
@@ -82,13 +86,16 @@ class QuantizationAwareTraining(Callback):
         self.float_input_layers = check_patterns("float_input_layers", float_input_layers)
         self.calibration_batches = calibration_batches
         self.calibration_percentile = float(calibration_percentile)
-        self.log_per_layer = bool(log_per_layer)
+        self.log_per_layer = log_per_layer
         #: ``(name, reason)`` of the layers left in float when the quantizers were attached.
         self.skipped: list[tuple[str, str]] = []
         self._named_layers: list[tuple[str, Any]] = []
         self._layers: list[Any] = []
         self._observer: Optional[RangeObserver] = None
         self._calibrating: list[BaseQuantizer] = []
+        #: Calibration statistics from a checkpoint written mid-calibration, restored at fit start.
+        self._calibration_state: Optional[dict[str, Any]] = None
+        self._batch_idx = 0
         #: Undo functions of what was wrapped on the module, run at teardown.
         self._undo: list[Callable[[], None]] = []
 
@@ -170,18 +177,49 @@ class QuantizationAwareTraining(Callback):
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for line in split_quantizer_params(trainer.optimizers, params, self.quantizer_lr_factor, schedulers):
             log.info("%s: %s", type(self).__name__, line)
-        uncalibrated = [q for _, q in quantizers(pl_module) if not q.calibrated]
+        uncalibrated = [(name, q) for name, q in quantizers(pl_module) if not q.calibrated]
         self._observer = None
-        self._calibrating = uncalibrated
+        self._calibrating = [q for _, q in uncalibrated]
         if uncalibrated:
             self._observer = RangeObserver("percentile", self.calibration_percentile)
-            for q in uncalibrated:
-                self._observer.watch(q)
+            for name, q in uncalibrated:
+                self._observer.watch(q, name)
                 q.deferred_observations = []
+            if self._calibration_state is not None:
+                self._observer.load_state_dict(self._calibration_state)
+        self._calibration_state = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_wrappers()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning runs no teardown hook of the callbacks when fit raises: a wrapper left on
+        # the module would add this dead callback's loss to every later fit.
+        self._remove_wrappers()
+
+    def _remove_wrappers(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+    # ------------------------------------------------------------------ numeric guard
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
+        # One host sync per step: a NaN or Inf loss would otherwise train on, poison every
+        # learned range and bit-width, and fail much later far from its cause.
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            # Every process stops, or none: one stopping alone would leave the others waiting in
+            # the gradient all-reduce.
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise FloatingPointError(
+                f"{type(self).__name__}: the training loss is not finite (here {float(loss.detach().float().reshape(-1)[0])}) at epoch "
+                f"{trainer.current_epoch}, batch {self._batch_idx} (global step {trainer.global_step}). Check that batch "
+                "for NaN or Inf inputs; if the inputs are finite, lower the learning rate or quantizer_lr_factor. To skip "
+                "such batches instead, return None from training_step for them."
+            )
 
     # ------------------------------------------------------------------ calibration and logging
     def on_train_batch_end(
@@ -240,18 +278,25 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return self.settings()
+        state = self.settings()
+        if self._observer is not None:
+            # A checkpoint written mid-calibration carries the statistics gathered so far, so a
+            # run resumed from it calibrates exactly as an uninterrupted one.
+            state["calibration"] = self._observer.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         current = self.settings()
         changed = [k for k, v in state_dict.items() if k in current and current[k] != v]
         if changed:
             rank_zero_warn(f"{type(self).__name__}: resuming with changed settings {changed}; the new values are used")
+        self._calibration_state = state_dict.get("calibration")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[MANIFEST_KEY] = quantization_manifest(
             pl_module, epoch=trainer.current_epoch, config=self.settings(), **self._manifest_extra(pl_module)
         )
+        seal_when_saved(pl_module)
 
     def _manifest_extra(self, pl_module: LightningModule) -> dict[str, Any]:
         return {}

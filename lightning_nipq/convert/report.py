@@ -12,6 +12,10 @@ from lightning_nipq.layers.model_walk import integer_layers, left_in_float
 from lightning_nipq.quant.codes import num_levels
 
 
+def _figure(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 @dataclass
 class LayerReport:
     name: str
@@ -83,7 +87,7 @@ class QuantizationReport:
             )
             for r in self.layers
         ]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
@@ -99,8 +103,8 @@ class QuantizationReport:
             agreement = "n/a" if self.agreement is None else f"{100 * self.agreement:.2f}%"
             lines.append(
                 f"integer vs fake-quantized on {self.compared_batches} batches: argmax agreement {agreement}, "
-                f"max |diff| {self.max_abs_diff:.3g} (relative {self.max_rel_diff:.3g}; "
-                f"99% of samples within {self.typical_rel_diff or 0.0:.3g})"
+                f"max |diff| {_figure(self.max_abs_diff)} (relative {_figure(self.max_rel_diff)}; "
+                f"99% of samples within {_figure(self.typical_rel_diff)})"
             )
         if self.layer_rel_diffs:
             lines.append(

@@ -24,6 +24,7 @@ from lightning_nipq.convert.report import QuantizationReport, integer_model_repo
 from lightning_nipq.layers.layer_kinds import kind_of
 from lightning_nipq.layers.model_calls import InputFn, call_model, first_tensor
 from lightning_nipq.layers.model_walk import batchnorm_layers, quantized_layers, quantizers
+from lightning_nipq.layers.restore_point import restore_point
 
 
 def freeze_quantizers(model: nn.Module) -> None:
@@ -91,11 +92,16 @@ def convert_to_integer(model: nn.Module) -> QuantizationReport:
             f"input quantizers of {uncalibrated[:5]} were never calibrated; train (or call "
             "calibrate_activations) before converting"
         )
-    for _, layer in layers:
-        _make_pruning_permanent(layer)
-        kind = kind_of(layer)
-        assert kind is not None
-        kind.to_integer(layer)
+    restore = restore_point(model)
+    try:
+        for _, layer in layers:
+            _make_pruning_permanent(layer)
+            kind = kind_of(layer)
+            assert kind is not None
+            kind.to_integer(layer)
+    except BaseException:
+        restore()  # all layers or none: a half-converted model would neither train nor save
+        raise
     return integer_model_report(model)
 
 

@@ -39,9 +39,9 @@ def observe_inputs(
     # Eval mode for the model (no BatchNorm updates, no dropout), train mode for the
     # quantizers being observed, which record only while training.
     model.eval()
-    for _, q in quantizers(model):
+    for name, q in quantizers(model):
         if not q.calibrated:
-            observer.watch(q)
+            observer.watch(q, name)
             q.train()
     try:
         with torch.no_grad():

@@ -24,16 +24,18 @@ CUDA, float32 kernels may use TF32, so float64 is used there.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 from lightning_nipq.quant.codes import check_bit_width, code_dtype, num_levels
 from lightning_nipq.quant.fake_quant import integer_codes
-from lightning_nipq.quant.methods import QuantizerFactory
+from lightning_nipq.quant.methods import QuantizerFactory, quantizer_from_state
 
 FLOAT32_EXACT_LIMIT = 2**24
 FLOAT64_EXACT_LIMIT = 2**53
@@ -60,6 +62,50 @@ class QuantizedLayerMixin:
         if self.weight_quantizer.macs == 0:
             self.weight_quantizer.macs = int(output.numel()) * self.reduction_size()  # type: ignore[attr-defined]
         return output
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # torch loads the layer's weight before its quantizers: check their saved states
+        # first, so that a refused quantizer leaves the whole layer as it was.
+        try:
+            check_saved_quantizer(state_dict, prefix + "weight_quantizer.", role="weight")
+            check_saved_quantizer(state_dict, prefix + "input_quantizer.", role="input")
+        except ValueError as e:
+            raise ValueError(f"{e}. {DAMAGED_STATE_FIX}") from e
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def check_saved_quantizer(state_dict: Mapping[str, Any], prefix: str, role: str) -> Optional[BaseQuantizer]:
+    """The quantizer saved under ``prefix`` (``"<layer>.weight_quantizer."``), rebuilt and checked; None if none is saved.
+
+    Its ``_extra_state`` (`BaseQuantizer.check_state`), a weight quantizer's signed codes of at
+    least 2 bits (`BaseQuantizer.check_weight_config`) and its parameters
+    (`BaseQuantizer.check_saved_parameters`) are checked; the parameters are not loaded.
+
+    Raises:
+        ValueError: naming the key and the problem.
+    """
+    key = prefix + "_extra_state"
+    if key not in state_dict:
+        return None
+    try:
+        quantizer = quantizer_from_state(state_dict[key])
+        if role == "weight":
+            quantizer.check_weight_config(quantizer.config())
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from e
+    quantizer.check_saved_parameters(state_dict, prefix, quantizer.config())
+    return quantizer
 
 
 class IntegerLayerMixin:
@@ -130,6 +176,31 @@ class IntegerLayerMixin:
     def set_extra_state(self, state: Any) -> None:
         self.weight_bits, self.input_bits, self.input_signed, self.input_numel = check_integer_state(state)
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # torch copies the buffers before it sets the extra state: check both first, so an
+        # invalid state never half-loads and no forward ever sees it.
+        try:
+            settings = check_saved_integer_layer(state_dict, prefix, self.get_extra_state())
+        except ValueError as e:
+            raise ValueError(f"{e}. {DAMAGED_STATE_FIX}") from e
+        # torch copies into the buffer as it is: codes of another width would wrap (int16
+        # into int8) or keep the old width. Give the buffer the saved width's type first.
+        dtype = code_dtype(settings[0])
+        if self.weight_codes.dtype != dtype:
+            self.weight_codes = self.weight_codes.to(dtype)
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
 
 def check_integer_state(state: Any) -> tuple[int, Optional[int], bool, int]:
     """``(weight_bits, input_bits, input_signed, input_numel)`` of an integer layer's saved state, checked.
@@ -150,6 +221,53 @@ def check_integer_state(state: Any) -> tuple[int, Optional[int], bool, int]:
     if isinstance(input_numel, bool) or not isinstance(input_numel, int) or input_numel < 0:
         raise ValueError(f"input_numel must be a whole number >= 0, got {input_numel!r}")
     return weight_bits, input_bits, input_signed, input_numel
+
+
+def check_saved_integer_layer(
+    state_dict: Mapping[str, Any], prefix: str, current: Optional[Mapping[str, Any]] = None
+) -> tuple[int, Optional[int], bool, int]:
+    """`check_integer_state` of the integer layer saved under ``prefix`` (``"<layer>."``), and its buffers checked against it.
+
+    The settings come from ``prefix + "_extra_state"``, or ``current`` (the layer's own) where
+    the state dict has none. Saved buffers must hold what the integer maths needs: integer
+    ``weight_codes`` within the ``±n`` of ``weight_bits``, a finite positive ``weight_scale``,
+    and a finite ``input_alpha``, positive where the input is quantized. Absent buffers are
+    the strict load's to report.
+
+    Raises:
+        ValueError: naming the key and the problem.
+    """
+    key = prefix + "_extra_state"
+    try:
+        settings = check_integer_state(state_dict[key] if key in state_dict or current is None else current)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from e
+    weight_bits, input_bits, _, _ = settings
+    tensors = {name: state_dict[prefix + name] for name in INTEGER_STATE_KEYS[:3] if prefix + name in state_dict}
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{prefix}{name} must be a tensor, got {type(value).__name__}")
+    codes = tensors.get("weight_codes")
+    if codes is not None:
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"{prefix}weight_codes must be integers (torch.int8 or torch.int16), got {codes.dtype}")
+        n = num_levels(weight_bits, True)
+        if codes.numel() and (int(codes.min()) < -n or int(codes.max()) > n):
+            raise ValueError(
+                f"{prefix}weight_codes hold {int(codes.min())}..{int(codes.max())}, outside ±{n}, "
+                f"the range of the layer's {weight_bits}-bit codes"
+            )
+    for name, positive in (("weight_scale", True), ("input_alpha", input_bits is not None)):
+        value = tensors.get(name)
+        if value is None:
+            continue
+        if not value.is_floating_point() or value.dim() != 0:
+            raise ValueError(f"{prefix}{name} must be a float scalar (shape ()), got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        number = float(value)
+        if not math.isfinite(number) or number < 0 or (positive and number == 0):
+            need = "finite and positive" if positive else "finite and >= 0"
+            raise ValueError(f"{prefix}{name} is {number}; it must be {need}")
+    return settings
 
 
 def is_quantized(layer: nn.Module) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.quant.codes import MAX_BITS, MIN_BITS, MIN_SIGNED_BITS, num_levels
+from lightning_nipq.quant.codes import MAX_BITS, MIN_BITS, MIN_SIGNED_BITS, check_bit_width, num_levels
 from lightning_nipq.quant.fake_quant import round_ste
 
 
@@ -40,6 +40,12 @@ def check_bit_range(min_bits: Any, max_bits: Any) -> None:
             raise ValueError(f"{name} must be a whole number in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
     if max_bits < min_bits:
         raise ValueError(f"need min_bits <= max_bits, got min_bits={min_bits}, max_bits={max_bits}")
+
+
+#: What to do about a saved state that fails its checks, for the messages that refuse it.
+DAMAGED_STATE_FIX = (
+    "The state dict was damaged or edited after it was saved; load an intact copy (or save the trained model again)"
+)
 
 
 class BaseQuantizer(nn.Module):
@@ -261,6 +267,53 @@ class BaseQuantizer(nn.Module):
             counts.append(value)
         return config, (frozen, calibrated, counts[0], counts[1])
 
+    @classmethod
+    def check_weight_config(cls, config: Mapping[str, Any]) -> None:
+        """Raise a `ValueError` unless a checked configuration can quantize a weight.
+
+        Weights take both signs, so their codes are signed, and signed codes need at least
+        ``MIN_SIGNED_BITS`` bits (a quantizer whose bits cannot reach 2 is no weight quantizer).
+        """
+        if not config["signed"]:
+            raise ValueError("a weight quantizer must be signed (weights take both signs), got signed=False")
+        _, high = cls.bit_range(config)
+        check_bit_width("a weight quantizer's highest bits (max_bits)", high, signed=True)
+
+    def check_saved_parameters(self, state_dict: Mapping[str, Any], prefix: str, config: Mapping[str, Any]) -> None:
+        """Raise a `ValueError` naming the key unless this quantizer's parameters in ``state_dict`` can be loaded.
+
+        Each saved parameter (``prefix + name``; absent ones are the strict load's to report)
+        must be a finite float tensor of the parameter's shape, and together they must give a
+        finite, positive range under the saved checked ``config`` (`_check_saved_range`): a NaN
+        or infinite parameter would make every output of the layer NaN without an error.
+        """
+        values: dict[str, Tensor] = {}
+        for name, parameter in self._parameters.items():
+            key = prefix + name
+            if key not in state_dict or parameter is None:
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{key} must be a float tensor, got {got}")
+            if value.shape != parameter.shape:
+                raise ValueError(f"{key} has shape {tuple(value.shape)}, this quantizer's {name} {tuple(parameter.shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{key} is not finite ({shown_value(value)})")
+            values[name] = value
+        problem = self._check_saved_range(values, config)
+        if problem is not None:
+            raise ValueError(f"{prefix}{problem}")
+
+    @classmethod
+    def _check_saved_range(cls, values: Mapping[str, Tensor], config: Mapping[str, Any]) -> Optional[str]:
+        """What is wrong with the range the finite saved parameters ``values`` give, or None.
+
+        The message starts with the parameter's name (the caller prefixes the key). Methods
+        whose parameters can give a zero or infinite range override it.
+        """
+        return None
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -275,6 +328,21 @@ class BaseQuantizer(nn.Module):
         # calibrated instead of failing a strict load, so a float checkpoint still loads.
         if not any(key.startswith(prefix) for key in state_dict):
             return
+        # Checked before torch copies the first tensor: an invalid state never half-loads.
+        extra_key = prefix + "_extra_state"
+        try:
+            config = self.check_state(state_dict[extra_key])[0] if extra_key in state_dict else self.config()
+        except ValueError as e:
+            raise ValueError(f"{extra_key}: {e}. {DAMAGED_STATE_FIX}") from e
+        try:
+            self.check_saved_parameters(state_dict, prefix, config)
+        except ValueError as e:
+            raise ValueError(f"{e}. {DAMAGED_STATE_FIX}") from e
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def shown_value(value: Tensor) -> str:
+    """A saved tensor for a message: the number itself when it is one."""
+    return f"{float(value):g}" if value.numel() == 1 else f"a tensor of shape {tuple(value.shape)}"

@@ -50,11 +50,16 @@ def is_bit_width(value: Any, signed: bool = False) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lowest_bits(signed) <= value <= MAX_BITS
 
 
+def bit_width_rule(signed: bool = False) -> str:
+    """What `is_bit_width` asks, in words, for messages."""
+    why = " (signed codes need at least 2 bits)" if signed else ""
+    return f"a whole number in [{lowest_bits(signed)}, {MAX_BITS}]{why}"
+
+
 def check_bit_width(name: str, value: Any, signed: bool = False) -> int:
     """``value`` as an ``int`` if `is_bit_width`, else a `ValueError` naming ``name`` and the allowed range."""
     if not is_bit_width(value, signed):
-        why = " (signed codes need at least 2 bits)" if signed else ""
-        raise ValueError(f"{name} must be a whole number in [{lowest_bits(signed)}, {MAX_BITS}]{why}, got {value!r}")
+        raise ValueError(f"{name} must be {bit_width_rule(signed)}, got {value!r}")
     return int(value)
 
 

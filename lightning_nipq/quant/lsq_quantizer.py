@@ -17,9 +17,10 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.base_quantizer import BaseQuantizer, shown_value
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, num_levels
 from lightning_nipq.quant.fake_quant import hard_fake_quant
+from lightning_nipq.quant.range_search import usable_weight_range
 
 
 def scale_grad(x: Tensor, scale: float) -> Tensor:
@@ -113,6 +114,18 @@ class LSQQuantizer(BaseQuantizer):
         self.signed = config["signed"]
         self.per_sample = config["per_sample"]
 
+    @classmethod
+    def _check_saved_range(cls, values: Mapping[str, Tensor], config: Mapping[str, Any]) -> Optional[str]:
+        # alpha = |step| * Qp: a zero step divides by zero, a huge one overflows to inf.
+        step = values.get("step")
+        if step is None:
+            return None
+        qp = num_levels(config["bits"], config["signed"])
+        alpha = step.abs().double() * qp
+        if not bool(((alpha > 0) & (alpha < torch.finfo(torch.float32).max)).all()):
+            return f"step={shown_value(step)} gives the range |step| * {qp}, which must be positive and finite"
+        return None
+
     @property
     def qp(self) -> int:
         """The largest code (``Qn`` is the same for signed codes and 0 for unsigned ones)."""
@@ -187,7 +200,7 @@ class LSQConfig:
 
     def weight_quantizer(self, weight: Tensor) -> LSQQuantizer:
         """A quantizer for ``weight``, with LSQ's initial step."""
-        alpha = lsq_init_alpha(weight, self.weight_bits, signed=True)
+        alpha = usable_weight_range(lsq_init_alpha(weight, self.weight_bits, signed=True), weight)
         return LSQQuantizer(bits=self.weight_bits, signed=True, init_alpha=alpha)
 
     def input_quantizer(self) -> LSQQuantizer:

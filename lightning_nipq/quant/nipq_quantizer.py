@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_nipq.quant.base_quantizer import BaseQuantizer
-from lightning_nipq.quant.codes import check_bit_width
+from lightning_nipq.quant.base_quantizer import BaseQuantizer, shown_value
+from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width
 from lightning_nipq.quant.fake_quant import hard_fake_quant, noise_fake_quant
 from lightning_nipq.quant.noise import NOISE_KINDS, register_generator, sample_noise, sample_noise_compilable
-from lightning_nipq.quant.range_search import mse_alpha
+from lightning_nipq.quant.range_search import mse_alpha, usable_weight_range
 
 Mode = Literal["noise", "hard"]
 
@@ -97,6 +97,14 @@ class NIPQQuantizer(BaseQuantizer):
         if not isinstance(config["stochastic_bits"], bool):
             raise ValueError(f"stochastic_bits must be True or False, got {config['stochastic_bits']!r}")
         return config
+
+    @classmethod
+    def _check_saved_range(cls, values: Mapping[str, Tensor], config: Mapping[str, Any]) -> Optional[str]:
+        # softplus underflows to 0 below about -104 in float32: a zero range divides by zero.
+        alpha_raw = values.get("alpha_raw")
+        if alpha_raw is not None and not bool((F.softplus(alpha_raw.float()) > 0).all()):
+            return f"alpha_raw={shown_value(alpha_raw)} gives the range softplus(alpha_raw) = 0"
+        return None
 
     def _theta_for(self, bits: float) -> float:
         if self.max_bits == self.min_bits:
@@ -254,6 +262,11 @@ class NIPQConfig:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
         if self.weight_bits is not None:
             check_bit_width("weight_bits", self.weight_bits, signed=True)
+        elif isinstance(self.max_bits, int) and self.max_bits < MIN_SIGNED_BITS:
+            raise ValueError(
+                f"max_bits must be at least {MIN_SIGNED_BITS}: weights are signed, and symmetric 1-bit codes hold only "
+                f"zero; got max_bits={self.max_bits}"
+            )
         if self.act_bits is not None:
             check_bit_width("act_bits", self.act_bits)
         for role in ("weight", "input"):
@@ -291,8 +304,8 @@ class NIPQConfig:
             if bits is None:
                 start = self.init_bits if self.init_bits is not None else self.max_bits - 0.5
                 bits = max(round(start), self.min_bits)
-            init_alpha = max(mse_alpha(weight, bits, signed=True), 1e-8)
-        return self._make("weight", init_alpha=init_alpha, calibrated=True, signed=True)
+            init_alpha = mse_alpha(weight, bits, signed=True)
+        return self._make("weight", init_alpha=usable_weight_range(init_alpha, weight), calibrated=True, signed=True)
 
     def input_quantizer(self) -> NIPQQuantizer:
         """An uncalibrated input quantizer; calibration sets its range and sign."""

@@ -14,7 +14,7 @@ signed if any observed value was negative:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -43,6 +43,7 @@ class RangeObserver:
         self.method = method
         self.percentile = percentile
         self._quantizers: dict[int, BaseQuantizer] = {}
+        self._names: dict[int, str] = {}
         # Sampling from the observer's own generator: the same calibration gives the same ranges.
         self._generator = torch.Generator().manual_seed(0)
         self._batches: dict[int, int] = {}
@@ -51,10 +52,11 @@ class RangeObserver:
         self._percentile_sum: dict[int, float] = {}
         self._samples: dict[int, list[Tensor]] = {}
 
-    def watch(self, quantizer: BaseQuantizer) -> None:
-        """Have ``quantizer`` report its inputs here until `finish`."""
+    def watch(self, quantizer: BaseQuantizer, name: str = "") -> None:
+        """Have ``quantizer`` (called ``name`` in messages and the saved state) report its inputs here until `finish`."""
         quantizer.observer = self
         self._quantizers[id(quantizer)] = quantizer
+        self._names[id(quantizer)] = name or f"quantizer {len(self._names)}"
 
     @torch.no_grad()
     def observe(self, quantizer: BaseQuantizer, x: Tensor) -> None:
@@ -62,6 +64,11 @@ class RangeObserver:
         flat = x.detach().reshape(-1).float()
         if flat.numel() == 0:
             return
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(
+                f"the calibration input of {self._names.get(id(quantizer), 'a quantizer')} holds NaN or Inf values, which "
+                "would give it a meaningless range; clean the calibration batches (or the layers before it)"
+            )
         if quantizer.size == 0:
             quantizer.size = flat.numel()
         key = id(quantizer)
@@ -73,6 +80,37 @@ class RangeObserver:
             self._percentile_sum[key] = self._percentile_sum.get(key, 0.0) + value
         elif self.method == "mse":
             self._samples.setdefault(key, []).append(random_subset(flat, MSE_SAMPLES_PER_BATCH, self._generator))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The statistics gathered so far, by quantizer name (the MSE method's samples are not kept)."""
+        stats = {}
+        for key, name in self._names.items():
+            if key in self._batches:
+                stats[name] = {
+                    "batches": self._batches[key],
+                    "max": self._max[key],
+                    "min": self._min[key],
+                    "percentile_sum": self._percentile_sum.get(key, 0.0),
+                }
+        return {"method": self.method, "percentile": self.percentile, "statistics": stats, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict`: the statistics of the watched quantizers of the same names."""
+        if state.get("method") != self.method or state.get("percentile") != self.percentile:
+            raise ValueError(
+                f"the saved calibration used {state.get('method')!r} at {state.get('percentile')!r}, this one "
+                f"{self.method!r} at {self.percentile!r}; calibrate afresh or use the saved settings"
+            )
+        by_name = {name: key for key, name in self._names.items()}
+        for name, stats in state["statistics"].items():
+            key = by_name.get(name)
+            if key is None:
+                continue  # a layer calibrated since, or not watched in this run
+            self._batches[key] = int(stats["batches"])
+            self._max[key] = float(stats["max"])
+            self._min[key] = float(stats["min"])
+            self._percentile_sum[key] = float(stats["percentile_sum"])
+        self._generator.set_state(state["generator"])
 
     @property
     def batches_seen(self) -> int:
@@ -126,4 +164,5 @@ class RangeObserver:
             quantizer.set_range(alpha if alpha > 0 else 1.0, signed=low < 0.0)
             quantizer.observer = None
         self._quantizers.clear()
+        self._names.clear()
         self._samples.clear()

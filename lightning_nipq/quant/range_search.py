@@ -6,6 +6,7 @@ and by the calibration observers.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -14,6 +15,8 @@ from torch import Tensor
 from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.quant.fake_quant import integer_codes
 
+#: Starting ranges at or below this are treated as empty (see `usable_weight_range`).
+EMPTY_RANGE = 1e-6
 #: ``torch.quantile`` refuses inputs above 2**24 elements; a random subset is plenty.
 MAX_SAMPLES = 1 << 20
 RANGE_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")
@@ -80,6 +83,19 @@ def choose_alpha(x: Tensor, bits: int, signed: bool, method: str = "minmax", per
     else:
         alpha = mse_alpha(x, bits, signed)
     return max(alpha, 1e-8)
+
+
+def usable_weight_range(alpha: float, weight: Tensor) -> float:
+    """``alpha``, unless the weight is (almost) all zeros: then the bound of torch's default initialisation, ``1 / sqrt(fan_in)``.
+
+    A range of about zero clips every weight and every update to it, and its softplus
+    gradient is about zero too, so the layer could never learn; from the usual
+    initialisation bound it trains like any other layer.
+    """
+    if alpha > EMPTY_RANGE:
+        return alpha
+    fan_in = weight[0].numel() if weight.dim() > 1 else max(weight.numel(), 1)
+    return 1.0 / math.sqrt(fan_in)
 
 
 def check_range_method(method: str, percentile: float) -> None:

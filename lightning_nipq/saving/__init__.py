@@ -7,6 +7,8 @@ from lightning_nipq.saving.checkpoint import (
     NIPQCheckpointMixin,
     load_nipq_checkpoint,
     prepare_for_state_dict,
+    quantization_state_digest,
+    read_checkpoint,
 )
 from lightning_nipq.saving.onnx_export import compare_onnx, export_onnx, onnx_session
 
@@ -21,6 +23,8 @@ __all__ = [
     "load_quantized",
     "onnx_session",
     "prepare_for_state_dict",
+    "quantization_state_digest",
+    "read_checkpoint",
     "read_manifest",
     "save_quantized",
 ]

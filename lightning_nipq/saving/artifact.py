@@ -14,6 +14,10 @@ Layout of the file written by `save_quantized`:
 The scales and alphas live in the manifest rather than as tensors: as JSON numbers they
 round-trip a float32 exactly, they cost no safetensors header entry each, and the checksum
 covers the manifest too. Nothing is ever unpickled.
+
+The checksum catches accidents, not edits (anyone can recompute it), so reading checks
+every value of the manifest and header against the format before using it, and loading
+touches the model only once the whole file has passed, putting it back if it fails anyway.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import secrets
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -32,11 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.layers.attach import disable_transformer_fast_path
-from lightning_nipq.layers.forms import INTEGER_STATE_KEYS, IntegerLayerMixin, is_integer, is_quantized
-from lightning_nipq.layers.layer_kinds import describe_layer, kind_named, kind_of
+from lightning_nipq.layers.forms import INTEGER_STATE_KEYS, IntegerLayerMixin, LayerKind, is_integer, is_quantized
+from lightning_nipq.layers.layer_kinds import describe_layer, kind_named, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers, require_integer_model
-from lightning_nipq.quant.codes import num_levels
-from lightning_nipq.saving.bit_packing import pack_codes, unpack_codes
+from lightning_nipq.layers.restore_point import restore_point
+from lightning_nipq.quant.codes import bit_width_rule, is_bit_width, num_levels
+from lightning_nipq.saving.bit_packing import pack_codes, packed_size, unpack_codes
 
 FORMAT_NAME = "lightning-nipq-integer"
 FORMAT_VERSION = 1
@@ -193,53 +200,300 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------- reading: every value is checked
+# The checksum only catches accidents: whoever edits a manifest can recompute it. So every
+# value taken from the file is checked below against the format before anything is
+# allocated from it, and a model is touched only once the whole file has passed.
+
+#: safetensors' own cap on the JSON header: a longer header is damage, not a model.
+MAX_HEADER_BYTES = 100_000_000
+#: The most dimensions a torch tensor can have.
+MAX_DIMS = 64
+#: The largest size of one dimension torch can index (int64).
+MAX_DIM_SIZE = 2**63 - 1
+#: Bits per element of the safetensors dtypes, to check a header's shapes against its byte ranges.
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "U16": 16, "I16": 16, "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64,
+    "C64": 64,
+}  # fmt: skip
+_FIX = "copy the file again, or re-save the model with save_quantized"
+_REPR = reprlib.Repr()  # a value quoted in a message stays short however long it is in the file
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 40
+_REPR.maxlist = _REPR.maxdict = 4
+
+
+def _shown(value: Any) -> str:
+    return _REPR.repr(value)
+
+
+def _damaged(path: Path, field: str, problem: str) -> ArtifactError:
+    """The error for a value of the file that the format does not allow: the file, the field, the fix."""
+    return ArtifactError(f"{path}: {field} {problem}; the file was damaged or edited after it was written: {_FIX}")
+
+
+def _unreadable(path: Path, problem: str) -> ArtifactError:
+    return ArtifactError(f"{path} cannot be read as a safetensors file ({problem}); it is truncated or damaged: {_FIX}")
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What the manifest check needs of a stored tensor, known from the tensor or from the header alone."""
+
+    is_uint8: bool
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> _Stored:
+        return cls(tensor.dtype == torch.uint8, tuple(tensor.shape))
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One checked manifest entry: each value of its type and range, its packed codes of the right size."""
+
+    names: tuple[str, ...]  # the name the codes are stored under, then the layer's other names
+    kind: LayerKind
+    weight_shape: tuple[int, ...]
+    weight_bits: int
+    input_bits: Optional[int]
+    input_signed: bool
+    input_numel: int
+    weight_scale: float
+    input_alpha: float
+
+    @property
+    def packed_key(self) -> str:
+        return _prefix(self.names[0]) + PACKED_SUFFIX
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.weight_shape)
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    """A checked manifest: ``raw`` as stored, the rest checked and normalised."""
+
+    raw: dict[str, Any]
+    model_class: str
+    layers: tuple[_Layer, ...]
+    tensor_aliases: dict[str, str]
+
+
 def _parse_manifest(path: Path, metadata: Optional[dict[str, str]]) -> dict[str, Any]:
     if not metadata or METADATA_KEY not in metadata:
-        raise ArtifactError(f"{path} is a safetensors file but not a lightning-nipq artifact (no {METADATA_KEY!r} metadata)")
+        raise ArtifactError(
+            f"{path} is a safetensors file but not a lightning-nipq artifact (no {METADATA_KEY!r} metadata); "
+            "write one with save_quantized"
+        )
     try:
         manifest = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: the manifest is not valid JSON ({e}); the file is corrupted, re-save it") from e
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer over Python's digit limit
+        raise ArtifactError(f"{path}: the manifest is not valid JSON ({e}); the file is corrupted: {_FIX}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{path}: the manifest does not name the {FORMAT_NAME!r} format")
+        raise ArtifactError(f"{path}: the manifest does not name the {FORMAT_NAME!r} format; {_FIX}")
     version = manifest.get("version")
-    if version not in SUPPORTED_VERSIONS:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in SUPPORTED_VERSIONS:  # 1.0 == True == 1
         raise ArtifactError(
-            f"{path} has format version {version!r}; this lightning-nipq reads version(s) "
-            f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Load it with the lightning-nipq that wrote it, or re-save it"
+            f"{path} has format version {_shown(version)}; this lightning-nipq reads version(s) "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Load it with the lightning-nipq that wrote it, "
+            "or re-save the model with save_quantized"
         )
     return manifest
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _count(value: Any, low: int = 0, high: int = MAX_DIM_SIZE) -> bool:
+    """Whether ``value`` is a whole number (bool excluded: JSON true is no count) in ``[low, high]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _shape(path: Path, field: str, value: Any, max_numel: int, min_dim: int) -> tuple[int, ...]:
+    """``value`` as a shape of dimensions >= ``min_dim`` holding at most ``max_numel`` elements."""
+    low_dims = 1 if min_dim else 0
+    if not isinstance(value, list) or not low_dims <= len(value) <= MAX_DIMS:
+        raise _damaged(path, field, f"must be a list of {low_dims} to {MAX_DIMS} sizes, got {_shown(value)}")
+    numel = 1
+    for size in value:
+        if not _count(size, min_dim):
+            raise _damaged(path, field, f"must hold whole numbers >= {min_dim}, got {_shown(value)}")
+        # Multiplied one size at a time so that an absurd shape stops at the bound, not after a huge product.
+        numel *= size
+        if numel > max_numel:
+            raise _damaged(path, field, f"{_shown(value)} has more elements than the stored data holds ({max_numel} at most)")
+    return tuple(value)
+
+
+def _number(path: Path, field: str, value: Any, positive: bool) -> float:
+    """``value`` as a float that is finite (and above zero if ``positive``) once held in float32, as the layer holds it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _damaged(path, field, f"must be a number, got {_shown(value)}")
+    try:
+        as_float32 = float(torch.tensor(float(value), dtype=torch.float32))
+    except OverflowError:  # an integer beyond float64
+        as_float32 = math.inf
+    if not math.isfinite(as_float32) or (positive and as_float32 <= 0):
+        wanted = "finite and above zero" if positive else "finite"
+        raise _damaged(path, field, f"must be {wanted} in float32, got {_shown(value)}")
+    return float(value)
+
+
+def _bits(path: Path, field: str, value: Any, signed: bool) -> int:
+    if not is_bit_width(value, signed):
+        raise _damaged(path, field, f"must be {bit_width_rule(signed)}, got {_shown(value)}")
+    return int(value)
+
+
+def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Stored]) -> _Layer:
+    """One entry of ``layers``, checked against the format and against its packed tensor."""
+    if not isinstance(entry, dict):
+        raise _damaged(path, field, f"must be an object, got {type(entry).__name__}")
+
+    def value(key: str) -> Any:
+        if key not in entry:
+            raise _damaged(path, f"{field}.{key}", "is missing")
+        return entry[key]
+
+    name = value("name")
+    if not isinstance(name, str):
+        raise _damaged(path, f"{field}.name", f"must be a module name (a string), got {_shown(name)}")
+    aliases = entry.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise _damaged(path, f"{field}.aliases", f"must be a list of module names (strings), got {_shown(aliases)}")
+    type_name = value("type")
+    kind = kind_named(type_name) if isinstance(type_name, str) else None
+    if kind is None:
+        raise _damaged(path, f"{field}.type", f"must name a supported layer type ({supported_names()}), got {_shown(type_name)}")
+    if not isinstance(value("kind"), str):
+        raise _damaged(path, f"{field}.kind", f"must be a description (a string), got {_shown(entry['kind'])}")
+    weight_bits = _bits(path, f"{field}.weight_bits", value("weight_bits"), signed=True)
+    input_signed = value("input_signed")
+    if not isinstance(input_signed, bool):
+        raise _damaged(path, f"{field}.input_signed", f"must be true or false, got {_shown(input_signed)}")
+    input_bits = value("input_bits")
+    if input_bits is not None:
+        input_bits = _bits(path, f"{field}.input_bits", input_bits, signed=input_signed)
+    input_numel = value("input_numel")
+    if not _count(input_numel):
+        raise _damaged(path, f"{field}.input_numel", f"must be a whole number in [0, 2**63), got {_shown(input_numel)}")
+
+    key = _prefix(name) + PACKED_SUFFIX
+    packed = stored.get(key)
+    if packed is None:
+        raise _damaged(path, f"{field}.name", f"names layer {name!r}, but the file lacks its codes {key!r}")
+    if not packed.is_uint8 or len(packed.shape) != 1:
+        raise _damaged(path, f"tensor {key!r}", f"must be a flat uint8 tensor of packed codes, got shape {list(packed.shape)}")
+    # The shape is bounded by the bytes actually stored before anything is sized from it.
+    packed_bytes = packed.shape[0]
+    shape = _shape(path, f"{field}.weight_shape", value("weight_shape"), packed_bytes * 8 // weight_bits, min_dim=1)
+    numel = math.prod(shape)
+    if packed_size(numel, weight_bits) != packed_bytes:
+        raise _damaged(
+            path,
+            f"{field}.weight_shape",
+            f"{list(shape)} at {weight_bits} bits needs {packed_size(numel, weight_bits)} packed bytes, "
+            f"but {key!r} holds {packed_bytes}",
+        )
+
+    weight_scale = _number(path, f"{field}.weight_scale", value("weight_scale"), positive=True)
+    weight_alpha = _number(path, f"{field}.weight_alpha", value("weight_alpha"), positive=True)
+    # Written as weight_scale * n and never read back: a disagreement means one of them was edited.
+    if not math.isclose(weight_alpha, weight_scale * num_levels(weight_bits, True), rel_tol=1e-6):
+        raise _damaged(path, f"{field}.weight_alpha", f"{weight_alpha!r} is not weight_scale * {num_levels(weight_bits, True)}")
+    # A layer with float input never reads its input alpha (it is saved as 0), but it is still a tensor of the layer.
+    input_alpha = _number(path, f"{field}.input_alpha", value("input_alpha"), positive=input_bits is not None)
+    return _Layer(
+        names=(name, *aliases),
+        kind=kind,
+        weight_shape=shape,
+        weight_bits=weight_bits,
+        input_bits=input_bits,
+        input_signed=input_signed,
+        input_numel=input_numel,
+        weight_scale=weight_scale,
+        input_alpha=input_alpha,
+    )
+
+
+def _check_aliases(path: Path, aliases: Any, stored: Mapping[str, _Stored]) -> dict[str, str]:
+    """``tensor_aliases``: state-dict keys stored once under another key, each pointing at a stored tensor."""
+    if not isinstance(aliases, dict):
+        raise _damaged(path, "tensor_aliases", f"must be an object of state-dict keys to stored keys, got {_shown(aliases)}")
+    for alias, target in aliases.items():
+        field = f"tensor_aliases[{_shown(alias)}]"
+        if not isinstance(target, str):
+            raise _damaged(path, field, f"must be the key of a stored tensor (a string), got {_shown(target)}")
+        if alias in stored:
+            raise _damaged(path, field, "is also the key of a stored tensor; a key is stored or aliased, not both")
+        if target not in stored or target.endswith(PACKED_SUFFIX):
+            raise _damaged(path, field, f"points at {_shown(target)}, which the file does not store as a state-dict tensor")
+    return dict(aliases)
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any], stored: Mapping[str, _Stored]) -> _Manifest:
+    """The whole manifest checked against the format and the stored tensors, once, before any use.
+
+    ``stored`` describes the tensors: from the tensors themselves when loading, from the
+    header when only sizes are wanted. Raises `ArtifactError` naming the first bad field.
+    """
+    model_class = manifest.get("model_class")
+    if not isinstance(model_class, str):
+        raise _damaged(path, "model_class", f"must be a class name (a string), got {_shown(model_class)}")
+    entries = manifest.get("layers")
+    if not isinstance(entries, list) or not entries:
+        raise _damaged(path, "layers", f"must be a non-empty list of integer layers, got {_shown(entries)}")
+    layers = []
+    owner: dict[str, str] = {}  # each module name to the field that names it
+    for index, entry in enumerate(entries):
+        layer = _check_layer(path, f"layers[{index}]", entry, stored)
+        for position, name in enumerate(layer.names):
+            field = f"layers[{index}].name" if position == 0 else f"layers[{index}].aliases[{position - 1}]"
+            if name in owner:
+                raise _damaged(path, field, f"{name!r} is already named by {owner[name]}: each layer is listed once")
+            owner[name] = field
+        layers.append(layer)
+    aliases = _check_aliases(path, manifest.get("tensor_aliases"), stored)
+    claimed = {layer.packed_key for layer in layers}
+    # An integer layer's state comes from its entry; a stored or aliased tensor at one of its
+    # keys would be loaded over it, or rejected by the model after conversion.
+    reserved = {
+        _prefix(name) + key: owner[name] for layer in layers for name in layer.names for key in ("weight", *INTEGER_STATE_KEYS)
+    }
+    for key in [*stored, *aliases]:
+        if key.endswith(PACKED_SUFFIX) and key not in claimed:
+            raise _damaged(path, f"tensor {_shown(key)}", "holds packed codes that no entry of layers names")
+        if key in reserved:
+            problem = f"is part of the integer layer of {reserved[key]}, whose state the manifest gives"
+            raise _damaged(path, f"tensor {_shown(key)}", problem)
+    return _Manifest(raw=manifest, model_class=model_class, layers=tuple(layers), tensor_aliases=aliases)
+
+
+def _read(path: Path) -> tuple[_Manifest, dict[str, Tensor]]:
     """The checked manifest and every tensor of the file."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise ArtifactError(f"{path}: no such file")
     try:
+        # safetensors bounds the header (100 MB) and every tensor by the file's size before allocating.
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(
-            f"{path} cannot be read as a safetensors file ({e}); it is truncated or damaged: "
-            "copy it again or re-save the model with save_quantized"
-        ) from e
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
+        raise _unreadable(path, str(e)) from e
     manifest = _parse_manifest(path, metadata)
     expected = manifest.get("checksum")
-    actual = _checksum(manifest, tensors)
+    try:
+        actual = _checksum(manifest, tensors)
+    except RecursionError as e:  # nesting deep enough for the parser but not for the encoder
+        raise _damaged(path, "the manifest", "is nested too deeply") from e
     if actual != expected:
+        shown = expected[:16] if isinstance(expected, str) else _shown(expected)
         raise ArtifactError(
-            f"{path}: checksum mismatch (stored sha256 {str(expected)[:16]}..., computed {actual[:16]}...): the file "
-            "was modified or corrupted after it was written; copy it again or re-save the model"
+            f"{path}: checksum mismatch (stored sha256 {shown}..., computed {actual[:16]}...): the file "
+            f"was modified or corrupted after it was written; {_FIX}"
         )
-    needed = [_prefix(e["name"]) + PACKED_SUFFIX for e in manifest.get("layers", [])]
-    needed += list(manifest.get("tensor_aliases", {}).values())
-    absent = [key for key in needed if key not in tensors]
-    if absent:
-        raise ArtifactError(f"{path}: the manifest names tensors the file lacks: {_listed(absent)}; re-save the model")
-    return manifest, tensors
+    return _check_manifest(path, manifest, {key: _Stored.of(t) for key, t in tensors.items()}), tensors
 
 
 def _listed(items: list[str], limit: int = 8) -> str:
@@ -247,32 +501,39 @@ def _listed(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _architecture_problems(manifest: dict[str, Any], tensors: dict[str, Tensor], model: nn.Module) -> list[str]:
+def _architecture_problems(manifest: _Manifest, tensors: dict[str, Tensor], model: nn.Module) -> list[str]:
     """Every way ``model`` differs from the model the artifact was saved from."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    missing, wrong_type, wrong_shape = [], [], []
+    names_of: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        names_of.setdefault(id(module), []).append(name)
+    missing, wrong_type, wrong_shape, shared = [], [], [], []
     expected: dict[str, tuple[int, ...]] = {}
     reported: list[str] = []  # layers already named; their tensors are not listed again
-    for entry in manifest["layers"]:
-        shape = tuple(entry["weight_shape"])
-        for name in [entry["name"], *entry.get("aliases", [])]:
+    for layer in manifest.layers:
+        shape = layer.weight_shape
+        for name in layer.names:
             expected[_prefix(name) + "weight"] = shape
             module = modules.get(name)
             if module is None:
                 missing.append(name)
             elif is_quantized(module) or is_integer(module):
                 wrong_type.append(f"{name} (already quantized: pass a fresh float model)")
-            elif kind_named(entry["type"]) is None or type(module) is not kind_named(entry["type"]).float_type:  # type: ignore[union-attr]
-                wrong_type.append(f"{name} ({entry['type']} in the artifact, {type(module).__name__} in the model)")
+            elif type(module) is not layer.kind.float_type:
+                wrong_type.append(f"{name} ({layer.kind.name} in the artifact, {type(module).__name__} in the model)")
             elif tuple(module.weight.shape) != shape:
                 wrong_shape.append(f"{name}.weight ({list(shape)} in the artifact, {list(module.weight.shape)} in the model)")
+            elif sorted(names_of[id(module)]) != sorted(layer.names):
+                # Only one module object is converted per entry: its names must be the entry's names.
+                in_model = ", ".join(names_of[id(module)])
+                shared.append(f"{name} ({', '.join(layer.names)} in the artifact, {in_model} in the model)")
             else:
                 continue
             reported.append(_prefix(name))
     for key, tensor in tensors.items():
         if not key.endswith(PACKED_SUFFIX):
             expected[key] = tuple(tensor.shape)
-    for alias, target in manifest["tensor_aliases"].items():
+    for alias, target in manifest.tensor_aliases.items():
         expected[alias] = tuple(tensors[target].shape)
     skip = tuple(reported)
     model_state = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
@@ -289,6 +550,7 @@ def _architecture_problems(manifest: dict[str, Any], tensors: dict[str, Tensor],
         ("layers missing from the model", missing),
         ("layers of another type", wrong_type),
         ("tensors of another shape", wrong_shape),
+        ("layers shared under other names (artifact names, model names)", shared),
         ("tensors missing from the model", absent),
         ("tensors of the model not in the artifact", extra),
     ):
@@ -298,8 +560,20 @@ def _architecture_problems(manifest: dict[str, Any], tensors: dict[str, Tensor],
 
 
 def read_manifest(path: PathLike) -> dict[str, Any]:
-    """The checked manifest of an artifact (the whole file is read to verify the checksum)."""
-    return _read(Path(path))[0]
+    """The checked manifest of an artifact (the whole file is read to verify the checksum).
+
+    Raises:
+        ArtifactError: the file is unreadable, corrupted, or its manifest holds a value the format does not allow.
+    """
+    return _read(Path(path))[0].raw
+
+
+def _unpack(path: Path, index: int, layer: _Layer, tensors: dict[str, Tensor]) -> Tensor:
+    try:
+        flat = unpack_codes(tensors[layer.packed_key], layer.weight_bits, layer.numel)
+    except ValueError as e:
+        raise _damaged(path, f"tensor {layer.packed_key!r} (codes of layers[{index}])", f"is invalid: {e}") from e
+    return flat.view(layer.weight_shape)
 
 
 def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
@@ -312,76 +586,131 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
 
     Raises:
         ArtifactError: the file is missing, truncated, corrupted (checksum), of an unknown
-            format version, or saved from another architecture. Raised before ``model`` is
-            modified.
+            format version, holds a value the format does not allow, or was saved from
+            another architecture. Raised before ``model`` is modified; if loading fails
+            part-way anyway (``KeyboardInterrupt`` included), ``model`` is put back as it was.
     """
     path = Path(path)
     manifest, tensors = _read(path)
     problems = _architecture_problems(manifest, tensors, model)
     if problems:
         raise ArtifactError(
-            f"{path} was saved from a model ({manifest['model_class']}) that does not match this {type(model).__name__}: "
+            f"{path} was saved from a model ({manifest.model_class}) that does not match this {type(model).__name__}: "
             + "; ".join(problems)
         )
-    codes = []
-    for entry in manifest["layers"]:
-        shape = entry["weight_shape"]
-        packed = tensors[_prefix(entry["name"]) + PACKED_SUFFIX]
-        try:
-            flat = unpack_codes(packed, entry["weight_bits"], math.prod(shape))
-        except ValueError as e:
-            raise ArtifactError(f"{path}: layer {entry['name']}: {e}") from e
-        codes.append(flat.view(shape))
+    codes = [_unpack(path, index, layer, tensors) for index, layer in enumerate(manifest.layers)]
     modules = dict(model.named_modules(remove_duplicate=False))
     full_state: dict[str, Any] = {k: v for k, v in tensors.items() if not k.endswith(PACKED_SUFFIX)}
-    full_state.update({alias: tensors[target] for alias, target in manifest["tensor_aliases"].items()})
-    for entry, layer_codes in zip(manifest["layers"], codes):
-        layer = modules[entry["name"]]
-        kind = kind_named(entry["type"])
-        assert kind is not None  # checked with the architecture
-        kind.integer_from_codes(
-            layer,
-            layer_codes,
-            weight_scale=torch.tensor(entry["weight_scale"], dtype=torch.float32),
-            input_alpha=torch.tensor(entry["input_alpha"], dtype=torch.float32),
-            weight_bits=entry["weight_bits"],
-            input_bits=entry["input_bits"],
-            input_signed=entry["input_signed"],
-            input_numel=entry["input_numel"],
-        )
-        for name in [entry["name"], *entry.get("aliases", [])]:
-            full_state.update({_prefix(name) + k: v for k, v in layer.state_dict().items() if k in INTEGER_STATE_KEYS})
-    disable_transformer_fast_path(model)
-    model.load_state_dict(full_state, strict=True)
+    full_state.update({alias: tensors[target] for alias, target in manifest.tensor_aliases.items()})
+    restore = restore_point(model, list(full_state))
+    try:
+        for layer, layer_codes in zip(manifest.layers, codes):
+            module = modules[layer.names[0]]
+            layer.kind.integer_from_codes(
+                module,
+                layer_codes,
+                weight_scale=torch.tensor(layer.weight_scale, dtype=torch.float32),
+                input_alpha=torch.tensor(layer.input_alpha, dtype=torch.float32),
+                weight_bits=layer.weight_bits,
+                input_bits=layer.input_bits,
+                input_signed=layer.input_signed,
+                input_numel=layer.input_numel,
+            )
+            integer_state = {k: v for k, v in module.state_dict().items() if k in INTEGER_STATE_KEYS}
+            for name in layer.names:
+                full_state.update({_prefix(name) + k: v for k, v in integer_state.items()})
+        disable_transformer_fast_path(model)
+        model.load_state_dict(full_state, strict=True)
+    except BaseException as e:
+        restore()
+        if isinstance(e, Exception) and not isinstance(e, ArtifactError):
+            raise ArtifactError(
+                f"{path} could not be loaded into this {type(model).__name__} ({type(e).__name__}: {e}); "
+                f"the model was left as it was; {_FIX}"
+            ) from e
+        raise
     return model.eval()
 
 
-def _header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+@dataclass(frozen=True)
+class _HeaderEntry:
+    dtype: str
+    numel: int
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _header(path: Path) -> tuple[Optional[dict[str, str]], dict[str, _HeaderEntry]]:
+    """The metadata and tensor entries of the safetensors header, read without the data and checked."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _unreadable(path, f"{size} bytes, shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            # Bounded before reading: the length field is what a damaged file gets wrong.
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                raise _unreadable(path, f"a header of {length} bytes in a file of {size} (at most {MAX_HEADER_BYTES} allowed)")
+            text = f.read(length)
+    except OSError as e:
+        raise _unreadable(path, str(e)) from e
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _unreadable(path, f"its header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise _unreadable(path, f"its header is a JSON {type(header).__name__}, not an object")
+    data_bytes = size - 8 - length
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _unreadable(path, "its __metadata__ is not an object of strings")
+    entries = {}
+    for key, info in header.items():
+        field = f"header[{_shown(key)}]"
+        if not isinstance(info, dict):
+            raise _damaged(path, field, f"must be an object with dtype, shape and data_offsets, got {_shown(info)}")
+        dtype, offsets = info.get("dtype"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise _damaged(path, f"{field}.dtype", f"must be a dtype name, got {_shown(dtype)}")
+        pair = isinstance(offsets, list) and len(offsets) == 2 and _count(offsets[0])
+        if not (pair and _count(offsets[1], offsets[0], data_bytes)):
+            problem = f"must be [begin, end] within the {data_bytes} data bytes, got {_shown(offsets)}"
+            raise _damaged(path, f"{field}.data_offsets", problem)
+        nbytes = offsets[1] - offsets[0]
+        bits = _DTYPE_BITS.get(dtype)
+        # An unknown (newer) dtype is bounded as if one bit wide, the loosest possible.
+        shape = _shape(path, f"{field}.shape", info.get("shape"), 8 * nbytes // (bits or 1), min_dim=0)
+        numel = math.prod(shape)
+        if bits is not None and (numel * bits + 7) // 8 != nbytes:
+            raise _damaged(path, field, f"{numel} elements of {dtype} do not fill its {nbytes} bytes")
+        entries[key] = _HeaderEntry(dtype, numel, shape, nbytes)
+    return metadata, entries
 
 
 def artifact_sizes(path: PathLike) -> ArtifactSizes:
-    """File size against the ideal packed size and the float32 state dict, from the header alone."""
+    """File size against the ideal packed size and the float32 state dict, from the header alone.
+
+    Raises:
+        ArtifactError: the header or the manifest holds a value the format does not allow.
+    """
     path = Path(path)
-    try:
-        header = _header(path)
-    except (OSError, struct.error, ValueError) as e:
-        raise ArtifactError(f"{path} cannot be read as a safetensors file ({e})") from e
-    manifest = _parse_manifest(path, header.pop("__metadata__", None))
-    code_bits = sum(e["weight_bits"] * math.prod(e["weight_shape"]) for e in manifest["layers"])
-    weights = sum(math.prod(e["weight_shape"]) for e in manifest["layers"])
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such file")
+    metadata, entries = _header(path)
+    manifest = _check_manifest(
+        path, _parse_manifest(path, metadata), {key: _Stored(e.dtype == "U8", e.shape) for key, e in entries.items()}
+    )
+    code_bits = sum(layer.weight_bits * layer.numel for layer in manifest.layers)
+    weights = sum(layer.numel for layer in manifest.layers)
     packed = other = float32 = 0
-    for key, info in header.items():
-        nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+    for key, entry in entries.items():
         if key.endswith(PACKED_SUFFIX):
-            packed += nbytes
+            packed += entry.nbytes
             continue
-        other += nbytes
-        numel = math.prod(info["shape"])
-        float32 += 4 * numel if info["dtype"].startswith(("F", "BF")) else nbytes
-    other += 8 * len(manifest["layers"])  # the float32 weight scale and input alpha of each layer
+        other += entry.nbytes
+        float32 += 4 * entry.numel if entry.dtype.startswith(("F", "BF")) else entry.nbytes
+    other += 8 * len(manifest.layers)  # the float32 weight scale and input alpha of each layer
     return ArtifactSizes(
         file_bytes=path.stat().st_size,
         packed_code_bytes=packed,

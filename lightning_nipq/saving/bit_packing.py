@@ -41,14 +41,26 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of `pack_codes`: ``numel`` signed codes, flat, in `code_dtype`."""
+    """Inverse of `pack_codes`: ``numel`` signed codes, flat, in `code_dtype`.
+
+    Raises:
+        ValueError: ``packed`` is not exactly the bytes `pack_codes` gives for ``numel``
+            codes of ``bits`` bits: another size, a value above the code range, or padding
+            bits that are not zero. Checked before anything is allocated from ``numel``.
+    """
     n = num_levels(check_bit_width("bits", bits, signed=True), True)
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a whole number >= 0, got {numel!r}")
     expected = packed_size(numel, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
         raise ValueError(
             f"{numel} codes of {bits} bits need a flat uint8 tensor of {expected} bytes, "
             f"got {packed.dtype} of shape {tuple(packed.shape)}"
         )
+    used = numel * bits % 8
+    # pack_codes pads with zeros: set padding bits are damage, and one layout per codes keeps files comparable.
+    if used and int(packed[-1]) >> used:
+        raise ValueError(f"the padding bits of the last byte are not zero ({int(packed[-1]):#010b}, {used} bits used)")
     bit_shifts = torch.arange(8, dtype=torch.int64)
     value_weights = torch.pow(2, torch.arange(bits, dtype=torch.int64))
     step = CHUNK * bits // 8

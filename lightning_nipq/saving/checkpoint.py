@@ -8,38 +8,49 @@ quantizes its input; one with ``X.weight_codes`` is an integer layer (its bits i
 another state (say, converted to integers after training), exactly the structure the state
 dict needs, with quantizers rebuilt from their saved settings, never from defaults.
 ``load_state_dict`` then fills it. Lightning checkpoints also carry a readable manifest
-under ``checkpoint["nipq"]``, which is checked for its format version.
+under ``checkpoint["nipq"]``, which is checked for its format version and holds a digest of
+the quantization state (`quantization_state_digest`), checked before anything is loaded.
+
+Nothing here unpickles: checkpoints are read with ``torch.load(weights_only=True)``, which
+restores tensors and plain data only, and every saved quantization value is checked (the
+quantizers' settings and parameters, the integer layers' bits, codes and scales) before
+the model is changed, so a damaged or hostile file is refused instead of loading values
+that would make the outputs NaN or wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_nipq.layers.attach import disable_transformer_fast_path
-from lightning_nipq.layers.forms import LayerKind, check_integer_state
+from lightning_nipq.layers.forms import LayerKind, check_saved_integer_layer, check_saved_quantizer
 from lightning_nipq.layers.layer_kinds import describe_layer, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers
-from lightning_nipq.quant.base_quantizer import BaseQuantizer
-from lightning_nipq.quant.methods import quantizer_from_state
+from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 
 MANIFEST_KEY = "nipq"
 MANIFEST_FORMAT = "lightning-nipq/checkpoint"
-#: 2: quantizers save their method and whole configuration in ``_extra_state``.
+#: 2: quantizers save their method and whole configuration in ``_extra_state``. Manifests
+#: may also hold ``DIGEST_KEY`` (readers of version 2 without it ignore it).
 MANIFEST_VERSION = 2
+#: The manifest entry holding `quantization_state_digest` of the saved state dict.
+DIGEST_KEY = "state_sha256"
 _WEIGHT_STATE = ".weight_quantizer._extra_state"
-_INPUT_STATE = ".input_quantizer._extra_state"
 _CODES = ".weight_codes"
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model it is loaded into."""
+    """A checkpoint does not fit the model it is loaded into, or is damaged."""
 
 
 def _prefixed(name: str, suffix: str) -> str:
@@ -52,17 +63,47 @@ def _layer_name(key: str, suffix: str) -> Optional[str]:
     return key[: -len(suffix)] if key.endswith(suffix) else None
 
 
-def _saved_forms(state_dict: Mapping[str, Any]) -> dict[str, tuple[str, Any, Any]]:
-    """``name -> (form, weight or layer state, input state)`` for the quantized and integer layers of a state dict."""
-    forms: dict[str, tuple[str, Any, Any]] = {}
+def _saved_forms(state_dict: Mapping[str, Any]) -> dict[str, str]:
+    """``name -> form`` (``"fake"`` or ``"integer"``) of the quantized and integer layers of a state dict."""
+    forms: dict[str, str] = {}
     for key in state_dict:
         name = _layer_name(key, _WEIGHT_STATE)
         if name is not None:
-            forms[name] = ("fake", state_dict[key], state_dict.get(_prefixed(name, _INPUT_STATE)))
+            forms[name] = "fake"
         name = _layer_name(key, _CODES)
         if name is not None:
-            forms[name] = ("integer", state_dict.get(_prefixed(name, "._extra_state")), None)
+            forms[name] = "integer"
     return forms
+
+
+def check_saved_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every quantized and integer layer a state dict holds, without a model; ``name -> what to build``.
+
+    For a fake-quantized layer, its quantizers rebuilt from their saved ``_extra_state``
+    (``(weight quantizer, input quantizer or None)``), their parameters checked; for an
+    integer layer, its checked ``(weight_bits, input_bits, input_signed, input_numel)``, its
+    codes and scales checked.
+
+    Raises:
+        CheckpointMismatchError: naming each invalid entry, its problem and the fix.
+    """
+    built: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, form in _saved_forms(state_dict).items():
+        prefix = f"{name}." if name else ""
+        try:
+            if form == "fake":
+                weight_q = check_saved_quantizer(state_dict, prefix + "weight_quantizer.", role="weight")
+                built[name] = (weight_q, check_saved_quantizer(state_dict, prefix + "input_quantizer.", role="input"))
+            else:
+                built[name] = check_saved_integer_layer(state_dict, prefix)
+        except (ValueError, TypeError, AttributeError) as e:
+            problems.append(str(e))
+    if problems:
+        raise CheckpointMismatchError(
+            "the checkpoint's quantization state is invalid: " + "; ".join(problems) + ". " + DAMAGED_STATE_FIX + "."
+        )
+    return built
 
 
 def _current_form(layer: nn.Module, kind: LayerKind) -> tuple[str, Optional[str], Optional[str]]:
@@ -80,16 +121,17 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
     Quantizers are rebuilt from the method and settings saved in their ``_extra_state``.
 
     Raises:
-        CheckpointMismatchError: a layer of the state dict is missing from the model, is not a
-            quantizable layer, or its saved quantizer or integer state is invalid (all checked
-            before anything is changed).
+        CheckpointMismatchError: a saved quantizer or integer layer state is invalid
+            (`check_saved_state`), or a layer of the state dict is missing from the model, is
+            not a quantizable layer, or has another weight shape (all checked before anything
+            is changed).
     """
-    saved = _saved_forms(state_dict)
+    built = check_saved_state(state_dict)
     modules = dict(model.named_modules(remove_duplicate=False))
     problems: list[str] = []
     # name -> (kind, form, new quantizers or integer settings), built before any layer changes.
     plan: dict[str, tuple[LayerKind, str, Any]] = {}
-    for name, (form, first, second) in saved.items():
+    for name, form in _saved_forms(state_dict).items():
         module = modules.get(name)
         kind = None if module is None else kind_of(module)
         if module is None:
@@ -98,15 +140,14 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
         if kind is None:
             problems.append(f"{name}: a {type(module).__name__}, not a quantizable layer ({supported_names()})")
             continue
-        try:
-            if form == "fake":
-                built = (quantizer_from_state(first), None if second is None else quantizer_from_state(second))
-            else:
-                built = check_integer_state(first)
-        except (ValueError, TypeError, AttributeError) as e:
-            problems.append(f"{name}: its saved {'quantizer' if form == 'fake' else 'integer layer'} state is invalid ({e})")
+        codes = state_dict.get(_prefixed(name, _CODES))
+        if form == "integer" and isinstance(codes, Tensor) and tuple(codes.shape) != kind.weight_shape(module):
+            problems.append(
+                f"{name}: weight codes of shape {tuple(codes.shape)} in the checkpoint, a weight of shape "
+                f"{kind.weight_shape(module)} in the model"
+            )
             continue
-        plan[name] = (kind, form, built)
+        plan[name] = (kind, form, built[name])
     if problems:
         raise CheckpointMismatchError(
             "the checkpoint does not match the model: " + "; ".join(problems) + ". Load it into the architecture that saved it."
@@ -148,7 +189,7 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
 
 
 def quantization_manifest(model: nn.Module, **extra: Any) -> dict[str, Any]:
-    """A readable description of what is quantized and how, for ``checkpoint["nipq"]``."""
+    """A readable description of what is quantized and how, for ``checkpoint["nipq"]``; `seal_manifest` adds the digest."""
     layers = []
     for names, module in named_layers(model, lambda m: kind_of(m) is not None):
         kind = kind_of(module)
@@ -169,6 +210,17 @@ def quantization_manifest(model: nn.Module, **extra: Any) -> dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "layers": layers, **extra}
 
 
+def seal_manifest(checkpoint: dict[str, Any]) -> None:
+    """Store `quantization_state_digest` of ``checkpoint["state_dict"]`` in its manifest (if it has one).
+
+    Call it once the state dict is final: `check_manifest` refuses a checkpoint whose
+    quantization state no longer matches.
+    """
+    manifest = checkpoint.get(MANIFEST_KEY)
+    if isinstance(manifest, dict) and isinstance(checkpoint.get("state_dict"), Mapping):
+        manifest[DIGEST_KEY] = quantization_state_digest(checkpoint["state_dict"])
+
+
 def _quantizer_entry(quantizer: BaseQuantizer) -> dict[str, Any]:
     return {
         "bits": quantizer.rounded_bits(),
@@ -178,23 +230,102 @@ def _quantizer_entry(quantizer: BaseQuantizer) -> dict[str, Any]:
     }
 
 
+#: How torch.nn.utils.prune keeps a pruned tensor ``X.weight``: ``X.weight_orig`` and ``X.weight_mask``.
+_PRUNED_ORIG, _PRUNED_MASK = "_orig", "_mask"
+
+
+def _quantization_entries(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of the quantized and integer layers (their own weights and biases, quantizers, buffers, extra states).
+
+    A pruned tensor counts as ``mask * orig`` under its own name: Lightning's ModelPruning
+    writes it so into the checkpoint after the package's callbacks wrote the digest, and
+    with ``make_pruning_permanent=False`` leaves the two, so both forms give one digest.
+    """
+    layers = set(_saved_forms(state_dict))
+    entries: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if "" not in layers and not any(".".join(parts[:i]) in layers for i in range(1, len(parts))):
+            continue
+        base = key[: -len(_PRUNED_ORIG)]
+        mask = state_dict.get(base + _PRUNED_MASK) if key.endswith(_PRUNED_ORIG) else None
+        if isinstance(value, Tensor) and isinstance(mask, Tensor):
+            entries[base] = mask.to(dtype=value.dtype) * value  # as ModelPruning computes it
+        elif not (key.endswith(_PRUNED_MASK) and key[: -len(_PRUNED_MASK)] + _PRUNED_ORIG in state_dict):
+            entries[key] = value
+    return entries
+
+
+def quantization_state_digest(state_dict: Mapping[str, Any]) -> str:
+    """``"sha256:<hex>"`` over every entry of the quantized and integer layers of ``state_dict``, by key.
+
+    Tensors count by key, dtype, shape and bytes, and other entries (the extra states) by
+    key and canonical JSON, so any change of a quantizer, an integer buffer or a quantized
+    layer's weight or bias changes it, wherever the tensors live (they are read on the CPU).
+    """
+    digest = hashlib.sha256()
+    entries = _quantization_entries(state_dict)
+    for key in sorted(entries):
+        value = entries[key]
+        if isinstance(value, Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"\0{key}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        else:
+            try:
+                text = json.dumps(value, sort_keys=True, default=repr)
+            except (TypeError, ValueError):  # keys json cannot sort
+                text = repr(value)
+            digest.update(f"\0{key}\0json\0{text}".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
 def check_manifest(checkpoint: Mapping[str, Any]) -> None:
+    """Check ``checkpoint["nipq"]`` (absent: nothing to check), and the state digest it holds, if any.
+
+    Raises:
+        CheckpointMismatchError: the manifest is not this package's, is of a newer version, or
+            its digest does not match the checkpoint's state dict.
+    """
     manifest = checkpoint.get(MANIFEST_KEY)
     if manifest is None:
         return
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("version"), int):
+    if not isinstance(manifest, Mapping) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("version"), int):
         raise CheckpointMismatchError(f"checkpoint['{MANIFEST_KEY}'] is not a lightning-nipq manifest")
     if manifest["version"] > MANIFEST_VERSION:
         raise CheckpointMismatchError(
             f"the checkpoint was written with manifest version {manifest['version']}, newer than this "
             f"lightning-nipq reads ({MANIFEST_VERSION}); upgrade lightning-nipq"
         )
+    expected = manifest.get(DIGEST_KEY)
+    if expected is None:
+        return  # written before digests, or by hand
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(expected, str) or not isinstance(state_dict, Mapping) or quantization_state_digest(state_dict) != expected:
+        raise CheckpointMismatchError(
+            f"the checkpoint's quantization state does not match the digest written with it "
+            f"(checkpoint['{MANIFEST_KEY}']['{DIGEST_KEY}']): the file was modified or damaged after it was written. "
+            "Load an intact copy. If its state dict was changed on purpose (by you, or by a callback or an "
+            "on_save_checkpoint hook that replaced checkpoint['state_dict'] after lightning-nipq's callbacks, such as "
+            "WeightAveraging), store the new digest: "
+            f"checkpoint['{MANIFEST_KEY}']['{DIGEST_KEY}'] = quantization_state_digest(checkpoint['state_dict'])."
+        )
 
 
 def prepare_for_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """`prepare_for_state_dict` for a Lightning checkpoint dictionary."""
+    """`prepare_for_state_dict` for a Lightning checkpoint dictionary, after `check_manifest` (its version and digest)."""
     check_manifest(checkpoint)
-    prepare_for_state_dict(model, checkpoint["state_dict"])
+    prepare_for_state_dict(model, _state_dict_of(checkpoint))
+
+
+def _state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointMismatchError(
+            "not a Lightning checkpoint: it has no 'state_dict' dictionary. Load a file written by "
+            "trainer.save_checkpoint or ModelCheckpoint."
+        )
+    return state_dict
 
 
 class NIPQCheckpointMixin:
@@ -217,18 +348,125 @@ class NIPQCheckpointMixin:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
 
-def load_nipq_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> ModuleT:
-    """``cls.load_from_checkpoint`` for a LightningModule class without `NIPQCheckpointMixin`.
+#: Errors that say the file cannot be reached, not that it is damaged: raised as they are.
+_ACCESS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
-    The model is built and its float weights loaded by Lightning; the quantization
-    structure is then rebuilt from the checkpoint and every tensor loaded strictly.
+
+def _default_map_location(storage: Any, location: str) -> Any:
+    # Lightning's default: tensors go back to the device they were saved from when this
+    # machine has it, else to the CPU (None keeps torch's default placement).
+    device = location.split(":")[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    return None if available.get(device, False) else storage.cpu()
+
+
+def read_checkpoint(checkpoint_path: str | Path, map_location: Any = None) -> dict[str, Any]:
+    """A checkpoint file read without unpickling anything: tensors and plain data only.
+
+    ``torch.load(weights_only=True)`` restores only tensors and plain Python data, so a file
+    whose pickle names a function (code that would run while loading) is refused instead.
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot undo that: torch (2.6 and later; earlier
+    versions do not read it) applies it only to calls that leave ``weights_only`` unset.
+
+    Raises:
+        CheckpointMismatchError: the file is damaged, is not a checkpoint, or holds objects
+            other than tensors and plain data.
     """
+    path = Path(checkpoint_path)
+    try:
+        checkpoint = torch.load(path, map_location=map_location or _default_map_location, weights_only=True)
+    except _ACCESS_ERRORS:
+        raise
+    except pickle.UnpicklingError as e:
+        refused = _first_line(str(e))
+        raise CheckpointMismatchError(
+            f"cannot read {path}: it is damaged, or holds objects other than tensors and plain data"
+            + (f" ({refused})" if refused else "")
+            + ", which lightning-nipq never unpickles: unpickling them could run code from the file. Do not load a "
+            "file you did not write; use an intact copy. If it is your own checkpoint and its hyper-parameters hold "
+            "an object of one of your classes, allow that class with torch.serialization.add_safe_globals([YourClass]) "
+            "and load it again."
+        ) from None
+    except Exception as e:
+        # Damage shows up as whatever the zip or pickle reader trips on: OSError (errno 22),
+        # EOFError, UnicodeDecodeError, KeyError, RuntimeError...
+        detail = _first_line(str(e))
+        raise CheckpointMismatchError(
+            f"cannot read {path}: the file is damaged or truncated, or is not a PyTorch checkpoint "
+            f"({type(e).__name__}{': ' + detail if detail else ''}). Use an intact copy "
+            "(a complete download, or the checkpoint saved again)."
+        ) from e
+    _state_dict_of(checkpoint)
+    return checkpoint
+
+
+def _first_line(message: str) -> str:
+    """What torch's loader tripped on, from its message, without its advice.
+
+    torch advises ``weights_only=False`` (which would run whatever the file holds) and
+    allowlisting the refused global (for a hostile file, a function such as ``exec``): keep
+    only what its restricted unpickler refused, or the first line of another error.
+    """
+    text = message.partition("WeightsUnpickler error:")[2] or message
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = line.split(" was not an allowed global")[0].split("In PyTorch 2.6")[0].strip()
+    return "" if "weights_only" in line else line
+
+
+def _build_module(cls: type[ModuleT], checkpoint: dict[str, Any], hyper_parameters: dict[str, Any]) -> ModuleT:
+    """``cls`` built from the checkpoint's hyper-parameters (``hyper_parameters`` override them), its float weights loaded.
+
+    Lightning's ``_load_state`` is what ``load_from_checkpoint`` builds the module with, from
+    an already-read checkpoint: its handling of the saved hyper-parameters (and its allowlist
+    of instantiators), ``configure_model`` and ``on_load_checkpoint``. It loads non-strictly:
+    the quantizer and integer keys do not fit the float model yet.
+    """
+    from lightning.pytorch.core.saving import _load_state
+
+    key = getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
+    # As load_from_checkpoint does: the overrides are also what on_load_checkpoint sees.
+    checkpoint.setdefault(key, {})
+    checkpoint[key].update(hyper_parameters)
     with warnings.catch_warnings():
-        # The quantizer keys are expected to be missing here; they are loaded strictly below.
+        # The quantizer keys are expected to be missing here; they are loaded strictly afterwards.
         warnings.filterwarnings("ignore", message=".*keys that are not in the model state dict.*")
         warnings.filterwarnings("ignore", message=".*keys that are missing.*")
-        model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)  # type: ignore[attr-defined]
-    checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=True)
-    prepare_for_checkpoint(model, checkpoint)
+        warnings.filterwarnings("ignore", message=".*keys that are in the model state dict but not in the checkpoint.*")
+        try:
+            model = _load_state(cls, checkpoint, strict=False, **hyper_parameters)  # type: ignore[arg-type]
+        except RuntimeError as e:
+            if "Error(s) in loading state_dict" not in str(e):
+                raise
+            raise CheckpointMismatchError(
+                f"the checkpoint does not match {cls.__name__}: {e}. Load it into the architecture that saved it."
+            ) from e
+    device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, Tensor)), None)
+    return model if device is None else model.to(device)  # type: ignore[return-value]
+
+
+def load_nipq_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> ModuleT:
+    """``cls.load_from_checkpoint`` for a LightningModule class without `NIPQCheckpointMixin`, and without unpickling.
+
+    The file is read once with `read_checkpoint` (tensors and plain data only), its manifest,
+    digest and quantization state are checked, the model is built from its hyper-parameters
+    (``kwargs`` override them) as Lightning builds it, the quantization structure is
+    rebuilt from the checkpoint and every tensor is loaded strictly.
+
+    Raises:
+        CheckpointMismatchError: the file is damaged, holds more than tensors and plain data,
+            does not match ``cls``, or its quantization state is invalid or was modified.
+    """
+    for name in ("weights_only", "hparams_file"):
+        if name in kwargs:
+            raise TypeError(
+                f"load_nipq_checkpoint does not take {name}: it reads the file with weights_only=True, and its "
+                "keyword arguments override the checkpoint's hyper-parameters"
+            )
+    checkpoint = read_checkpoint(checkpoint_path, map_location)
+    # Checked before the model is built, so a damaged file never reaches Lightning's load.
+    check_manifest(checkpoint)
+    check_saved_state(checkpoint["state_dict"])
+    model = _build_module(cls, checkpoint, kwargs)
+    prepare_for_state_dict(model, checkpoint["state_dict"])
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model

@@ -286,7 +286,11 @@ def onnx_outputs(path: PathLike, inputs: ExampleInput) -> Tensor:
 def compare_onnx(model: nn.Module, path: PathLike, batches: Iterable[ExampleInput]) -> tuple[Optional[float], float, float]:
     """``(argmax agreement, max |diff|, max |diff| / max |output|)`` of onnxruntime against ``model``.
 
-    The agreement is None when the outputs are not class scores (last dimension 1).
+    The agreement is None when the outputs are not class scores (last dimension 1). A NaN or
+    Inf on either side counts as a disagreement and an infinite difference.
+
+    Raises:
+        ValueError: ``batches`` is empty.
     """
     session = onnx_session(path)
     reference, candidate = [], []
@@ -300,4 +304,6 @@ def compare_onnx(model: nn.Module, path: PathLike, batches: Iterable[ExampleInpu
                 candidate.append(_run(session, batch).float())
     finally:
         model.train(was_training)
+    if not reference:
+        raise ValueError("compare_onnx got no batches: give at least one input batch to compare on")
     return compare_outputs(reference, candidate)

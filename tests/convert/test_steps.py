@@ -8,7 +8,7 @@ from models import GroupedConvNet, image_blobs
 
 from lightning_nipq import IntegerMismatchError, attach_quantizers, hard_quantize
 from lightning_nipq.convert import check_report, convert_and_compare, freeze_quantizers, recalibrate_batchnorm
-from lightning_nipq.layers import IntegerLayerMixin, calibrate_activations, quantizers
+from lightning_nipq.layers import IntegerLayerMixin, LayerKind, calibrate_activations, quantizers
 
 
 @pytest.fixture
@@ -68,3 +68,34 @@ def test_check_report_refuses_bad_tolerances_and_a_bypassed_layer(calibrated):
     report.layer_rel_diffs["conv"] = 0.5
     with pytest.raises(IntegerMismatchError, match="conv by 0.5"):
         check_report(report)
+
+
+def test_a_conversion_that_fails_leaves_the_model_as_it_was(calibrated, monkeypatch):
+    # The fourth layer's conversion is interrupted.
+    model, x = calibrated
+    freeze_quantizers(model)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    classes = {name: type(m) for name, m in model.named_modules()}
+    calls = []
+    original = LayerKind.to_integer
+
+    def failing(self, layer):
+        calls.append(layer)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        original(self, layer)
+
+    monkeypatch.setattr(LayerKind, "to_integer", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert_and_compare(model, x.split(32))
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    after = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    monkeypatch.undo()
+    convert_and_compare(model, x.split(32))  # and it still converts afterwards
+    assert isinstance(model.conv1d, IntegerLayerMixin)
