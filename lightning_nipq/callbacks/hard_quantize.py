@@ -25,6 +25,7 @@ from lightning_nipq.layers.model_calls import InputFn, default_input_fn
 from lightning_nipq.layers.model_walk import batchnorm_layers, quantized_layers
 from lightning_nipq.saving.checkpoint import MANIFEST_KEY, quantization_manifest
 
+_NOTHING = object()
 #: File name of the bit-allocation figure in the logger's directory.
 FIGURE_NAME = "nipq_bit_allocation.png"
 
@@ -143,6 +144,13 @@ class HardQuantize(Callback):
             self._remove_hooks = None
 
     # ------------------------------------------------------------------ early checks
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Empty lists are refused in __init__; an iterable without a length can only be
+        # asked for its first batch, which is cheap now and costly after training.
+        for name, batches in (("bn_batches", self.bn_batches), ("compare_batches", self.compare_batches)):
+            if not isinstance(batches, (int, Sized)) and next(iter(batches), _NOTHING) is _NOTHING:
+                raise ValueError(f"{name} yields no batch: give at least one, or {name}=0 to turn it off")
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if isinstance(self.bn_batches, int) and self.bn_batches or self._compare_loader(trainer) is trainer.train_dataloader:
             self._check_batch("training", batch)

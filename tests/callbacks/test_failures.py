@@ -72,6 +72,20 @@ def test_problems_known_before_training_raise_before_any_step():
     assert steps.steps == 0
 
 
+class NoBatches:
+    """An iterable with no length that yields nothing."""
+
+    def __iter__(self):
+        return iter(())
+
+
+def test_batches_that_yield_nothing_are_refused_before_training():
+    steps = Steps()
+    with pytest.raises(ValueError, match="bn_batches yields no batch"):
+        fast_trainer(1, [NIPQCallback(target_bits=4), HardQuantize(bn_batches=NoBatches()), steps]).fit(MLP(), loader(blobs(64)))
+    assert steps.steps == 0
+
+
 def test_a_fit_with_no_training_step_says_nothing_was_converted():
     model = MLP()
     with pytest.raises(RuntimeError, match="ran no training step"):

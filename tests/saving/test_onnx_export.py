@@ -94,6 +94,13 @@ def test_onnxruntime_agrees_with_the_integer_model(tmp_path, make, data, opset):
     agreement, max_abs, max_rel = compare_onnx(model, path, list(x.split(64)))  # other batch sizes than exported
     assert agreement == 1.0
     assert max_rel < MAX_REL_DIFF, (max_abs, max_rel)
+    if make is MLP:
+        with pytest.raises(ValueError, match="got no batches"):  # no comparison is no perfect score
+            compare_onnx(model, path, [])
+        poisoned = x[:64].clone()
+        poisoned[5] = float("nan")  # the same NaN on both sides still fails
+        agreement, max_abs, _ = compare_onnx(model, path, [poisoned])
+        assert agreement < 1.0 and max_abs == float("inf")
 
 
 def test_codes_wider_than_8_bits_need_opset_21(tmp_path):
