@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_nipq.callbacks.module_hooks import find_callback, install_load_hook, seal_when_saved
+from lightning_nipq.callbacks.module_hooks import find_callback, install_load_hook, remove_pending_seal, seal_when_saved
 from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTraining
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.convert.comparison import check_report, check_tolerances
@@ -133,15 +133,16 @@ class HardQuantize(Callback):
         self._remove_hooks = install_load_hook(pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._remove_hook()
+        self._remove_hook(pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._remove_hook()  # Lightning runs no teardown hook of the callbacks when fit raises
+        self._remove_hook(pl_module)  # Lightning runs no teardown hook of the callbacks when fit raises
 
-    def _remove_hook(self) -> None:
+    def _remove_hook(self, pl_module: LightningModule) -> None:
         if self._remove_hooks is not None:
             self._remove_hooks()
             self._remove_hooks = None
+        remove_pending_seal(pl_module)
 
     # ------------------------------------------------------------------ early checks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -152,8 +153,16 @@ class HardQuantize(Callback):
                 raise ValueError(f"{name} yields no batch: give at least one, or {name}=0 to turn it off")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if isinstance(self.bn_batches, int) and self.bn_batches or self._compare_loader(trainer) is trainer.train_dataloader:
+        if "training" in self._checked_batches:
+            return
+        counts_from_training = bool(isinstance(self.bn_batches, int) and self.bn_batches) or (
+            isinstance(self.compare_batches, int)
+            and self.compare_batches > 0
+            and self._compare_loader(trainer) is trainer.train_dataloader
+        )
+        if counts_from_training:
             self._check_batch("training", batch)
+        self._checked_batches.add("training")
 
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -185,7 +194,8 @@ class HardQuantize(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if MANIFEST_KEY not in checkpoint:  # NIPQCallback, when present, writes a fuller one
             checkpoint[MANIFEST_KEY] = quantization_manifest(pl_module, converted=self.report is not None)
-            seal_when_saved(pl_module)
+            if trainer.is_global_zero:  # only rank zero writes the file
+                seal_when_saved(pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         training = find_callback(trainer, QuantizationAwareTraining)

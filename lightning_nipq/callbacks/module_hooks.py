@@ -72,7 +72,7 @@ def seal_when_saved(pl_module: LightningModule) -> None:
     save seals the state dict as it is finally written, even when a callback after ours
     replaces it (weight averaging, pruning). The wrapper takes itself off as it runs.
     """
-    if getattr(vars(pl_module).get("on_save_checkpoint"), "seals_nipq_manifest", False):
+    if _pending_seal(pl_module) is not None:
         return  # another callback of ours asked already
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,10 +81,21 @@ def seal_when_saved(pl_module: LightningModule) -> None:
             original(checkpoint)
             seal_manifest(checkpoint)
 
-        on_save_checkpoint.seals_nipq_manifest = True  # type: ignore[attr-defined]
         return on_save_checkpoint
 
     undo = wrap_method(pl_module, "on_save_checkpoint", make)
+    vars(pl_module)["on_save_checkpoint"].remove_nipq_seal = undo
+
+
+def _pending_seal(pl_module: LightningModule) -> Optional[Callable[[], None]]:
+    return getattr(vars(pl_module).get("on_save_checkpoint"), "remove_nipq_seal", None)
+
+
+def remove_pending_seal(pl_module: LightningModule) -> None:
+    """Take off a seal wrapper a save that failed part-way left behind (the module must stay picklable)."""
+    undo = _pending_seal(pl_module)
+    if undo is not None:
+        undo()
 
 
 def find_callback(trainer: Trainer, cls: type[CallbackT]) -> Optional[CallbackT]:

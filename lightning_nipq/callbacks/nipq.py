@@ -22,6 +22,8 @@ from lightning_nipq.training.phase_schedule import PhaseSchedule
 
 #: Learned bits further above the target than this when freezing get a warning.
 UNMET_BUDGET_WARNING = 0.5
+#: The hard phase's share of the optimizer steps when the Trainer is limited by max_steps.
+DEFAULT_HARD_FRACTION = 0.1
 
 
 class NIPQCallback(QuantizationAwareTraining):
@@ -35,9 +37,9 @@ class NIPQCallback(QuantizationAwareTraining):
 
     1. noise: pseudo-quantization noise on weights and inputs, learned bits with
        stochastic rounding, and the bit-budget regulariser added to your training loss;
-    2. ``anneal_epochs`` of hand-over, in which layers switch to hard quantization one by
+    2. ``anneal_epochs`` (or ``anneal_fraction`` of the steps) of hand-over, in which layers switch to hard quantization one by
        one (the share rises linearly from 0 to 1);
-    3. ``hard_epochs`` of straight-through fake quantization with the bits frozen (fitted
+    3. ``hard_epochs`` (or ``hard_fraction`` of the steps) of straight-through fake quantization with the bits frozen (fitted
        to the budget) and the regulariser off.
 
     Add `lightning_nipq.HardQuantize` to turn the result into a validated integer model.
@@ -57,9 +59,21 @@ class NIPQCallback(QuantizationAwareTraining):
         noise: ``"uniform"`` (default, as accurate and faster) or ``"histogram"`` (the
             released code's sampling of the actual rounding error).
         stochastic_bits: add ``U(-0.5, 0.5)`` to the bits before rounding in the noise phase.
-        hard_epochs: final epochs of hard quantization with frozen bits.
-        anneal_epochs: epochs of gradual hand-over from noise to hard quantization before them.
+        hard_epochs: final epochs of hard quantization with frozen bits (default 1, or
+            ``hard_fraction=0.1`` when the Trainer is limited by ``max_steps``).
+        anneal_epochs: epochs of gradual hand-over from noise to hard quantization before
+            them (default 0).
+        hard_fraction: the hard phase as a share of all optimizer steps (the last
+            ``hard_fraction`` of them), instead of ``hard_epochs``; for step-based runs.
+        anneal_fraction: the hand-over as a share of all optimizer steps, instead of
+            ``anneal_epochs``.
         reg_weight: strength of the bit-budget regulariser (the penalty is in bits).
+        enforce_budget: before every training step of the noise phase, shift all learned
+            bits by the same amount so that their average (or BOPs) meets the budget exactly
+            (`lightning_nipq.training.BitBudget.project`): the budget holds however short the
+            run, and the task loss decides which layers sit above and which below. ``False``
+            leaves the average to the regulariser, which moves it about one bit per hundred
+            steps.
         quantizer_lr_factor: learning-rate factor for quantizer parameters, which also get
             ``weight_decay=0`` (their groups are split off your optimizer's groups at fit start).
         include: shell-style module-name patterns to quantize (default: all supported layers).
@@ -102,9 +116,12 @@ class NIPQCallback(QuantizationAwareTraining):
         act_bits: Optional[int] = None,
         noise: str = "uniform",
         stochastic_bits: bool = True,
-        hard_epochs: int = 1,
-        anneal_epochs: int = 0,
+        hard_epochs: Optional[int] = None,
+        anneal_epochs: Optional[int] = None,
+        hard_fraction: Optional[float] = None,
+        anneal_fraction: Optional[float] = None,
         reg_weight: float = 1.0,
+        enforce_budget: bool = True,
         quantizer_lr_factor: float = 10.0,
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
@@ -132,8 +149,18 @@ class NIPQCallback(QuantizationAwareTraining):
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         for name, value in (("hard_epochs", hard_epochs), ("anneal_epochs", anneal_epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        for name, value in (("hard_fraction", hard_fraction), ("anneal_fraction", anneal_fraction)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+                raise ValueError(f"{name} must be a number in [0, 1), a share of all optimizer steps, got {value!r}")
+        if (hard_epochs is not None or anneal_epochs is not None) and (hard_fraction is not None or anneal_fraction is not None):
+            raise ValueError(
+                "give the phases either in epochs (hard_epochs, anneal_epochs) or as shares of the steps "
+                "(hard_fraction, anneal_fraction), not both"
+            )
+        if (hard_fraction or 0) + (anneal_fraction or 0) >= 1:
+            raise ValueError("hard_fraction + anneal_fraction must leave a noise phase: keep their sum below 1")
         for name, value, low in (
             ("reg_weight", reg_weight, 0.0),
             ("distillation_weight", distillation_weight, 0.0),
@@ -144,6 +171,8 @@ class NIPQCallback(QuantizationAwareTraining):
             0 < distillation_temperature < math.inf
         ):
             raise ValueError(f"distillation_temperature must be a finite number > 0, got {distillation_temperature!r}")
+        if not isinstance(enforce_budget, bool):
+            raise ValueError(f"enforce_budget must be True or False, got {enforce_budget!r}")
         super().__init__(
             config,
             quantizer_lr_factor=quantizer_lr_factor,
@@ -160,13 +189,17 @@ class NIPQCallback(QuantizationAwareTraining):
         self.budget = budget
         self.hard_epochs = hard_epochs
         self.anneal_epochs = anneal_epochs
+        self.hard_fraction = hard_fraction
+        self.anneal_fraction = anneal_fraction
         self.reg_weight = float(reg_weight)
+        self.enforce_budget = enforce_budget
         self.distillation = distillation
         self.distillation_weight = float(distillation_weight)
         self.distillation_temperature = float(distillation_temperature)
 
         self.bit_budget = BitBudget(self.target_bits, self.target_act_bits, budget)
         self.schedule: Optional[PhaseSchedule] = None
+        self._bits_frozen = False
         self._distiller: Optional[Distiller] = None
         self._last_bit_loss: Optional[Tensor] = None
         self._bit_loss_calls = 0
@@ -179,8 +212,11 @@ class NIPQCallback(QuantizationAwareTraining):
             "target_bits": self.target_bits,
             "target_act_bits": self.target_act_bits,
             "budget": self.budget,
+            "enforce_budget": self.enforce_budget,
             "hard_epochs": self.hard_epochs,
             "anneal_epochs": self.anneal_epochs,
+            "hard_fraction": self.hard_fraction,
+            "anneal_fraction": self.anneal_fraction,
             "noise": self.quantizer_config.noise,
             "stochastic_bits": self.quantizer_config.stochastic_bits,
         }
@@ -188,6 +224,7 @@ class NIPQCallback(QuantizationAwareTraining):
     # ------------------------------------------------------------------ set-up
     def _before_attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.schedule = self._make_schedule(trainer)
+        self._bits_frozen = False
         if self.distillation and self._distiller is None and not any(True for _ in quantized_layers(pl_module)):
             # The teacher is the float model, copied before it is quantized.
             self._distiller = Distiller(frozen_copy(pl_module), self.distillation_weight, self.distillation_temperature)
@@ -199,14 +236,41 @@ class NIPQCallback(QuantizationAwareTraining):
         if pl_module.automatic_optimization:
             self._undo.append(wrap_method(pl_module, "training_step", self._training_step_wrapper(pl_module)))
 
-    def _make_schedule(self, trainer: Trainer) -> PhaseSchedule:
+    def _counts_in_steps(self, trainer: Trainer) -> bool:
+        if self.hard_fraction is not None or self.anneal_fraction is not None:
+            return True
+        given_in_epochs = self.hard_epochs is not None or self.anneal_epochs is not None
+        return not given_in_epochs and trainer.max_steps is not None and trainer.max_steps > 0
+
+    def _make_schedule(self, trainer: Trainer) -> Optional[PhaseSchedule]:
+        """The schedule in epochs, checked now; None for one in steps, made at train start (`_step_schedule`)."""
+        if self._counts_in_steps(trainer):
+            return None
+        hard = 1 if self.hard_epochs is None else self.hard_epochs
+        anneal = self.anneal_epochs or 0
         max_epochs = trainer.max_epochs
-        if (self.hard_epochs or self.anneal_epochs) and (max_epochs is None or max_epochs < 1):
+        if (hard or anneal) and (max_epochs is None or max_epochs < 1):
             raise ValueError(
-                "NIPQCallback places its hard phase in the last epochs and needs Trainer(max_epochs=N); "
-                "or set hard_epochs=0 and anneal_epochs=0"
+                "NIPQCallback places its hard phase in the last epochs and needs Trainer(max_epochs=N); give "
+                "Trainer(max_steps=N) (the hard phase is then the last hard_fraction=0.1 of the steps), or set "
+                "hard_epochs=0 and anneal_epochs=0"
             )
-        return PhaseSchedule(max(max_epochs or 1, 1), self.hard_epochs, self.anneal_epochs)
+        return PhaseSchedule(max(max_epochs or 1, 1), hard, anneal, unit="epoch")
+
+    def _step_schedule(self, trainer: Trainer) -> PhaseSchedule:
+        # The number of optimizer steps is known once the dataloaders are (max_steps, or
+        # max_epochs times the epoch's length over the accumulation).
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                "NIPQCallback's hard_fraction/anneal_fraction need a known number of optimizer steps: set "
+                "Trainer(max_steps=N), or give the training dataloader a length, or use hard_epochs/anneal_epochs"
+            )
+        total = int(total)
+        hard_fraction = DEFAULT_HARD_FRACTION if self.hard_fraction is None else self.hard_fraction
+        hard = round(total * hard_fraction)
+        anneal = round(total * (self.anneal_fraction or 0.0))
+        return PhaseSchedule(total, min(hard, total), min(anneal, total - min(hard, total)), unit="step")
 
     def _training_step_wrapper(self, pl_module: LightningModule) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -220,6 +284,8 @@ class NIPQCallback(QuantizationAwareTraining):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self.schedule is None:
+            self.schedule = self._step_schedule(trainer)
         if self._distiller is not None:
             self._distiller.teacher.to(pl_module.device)
         self._generator = self._make_generator(pl_module.device)
@@ -264,23 +330,37 @@ class NIPQCallback(QuantizationAwareTraining):
             total = total + kd
         return total
 
+    def _position(self, pl_module: LightningModule) -> int:
+        assert self.schedule is not None
+        return pl_module.current_epoch if self.schedule.unit == "epoch" else pl_module.global_step
+
     def _phase(self, pl_module: LightningModule) -> str:
         if self.schedule is None:
             return "noise"
-        return self.schedule.phase(pl_module.current_epoch)
+        return self.schedule.phase(self._position(pl_module))
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         assert self.schedule is not None
         self._bit_loss_calls = 0
-        epoch = trainer.current_epoch
+        position = self._position(pl_module)
+        phase = self.schedule.phase(position)
+        if phase == "hard" and not self._bits_frozen:
+            # Bits freeze as the hard phase starts (an epoch or a step); idempotent, so a
+            # resumed hard phase is unaffected.
+            self.finalize_bits(pl_module)
+            self._bits_frozen = True
+        progress = 0.0
         total = trainer.num_training_batches
-        progress = batch_idx / total if isinstance(total, int) and total > 0 else 0.0
-        share = self.schedule.hard_share(epoch, progress)
+        if self.schedule.unit == "epoch" and isinstance(total, int) and total > 0:
+            progress = batch_idx / total
+        if self.enforce_budget and phase != "hard":
+            self.bit_budget.project(self._pairs())
+        share = self.schedule.hard_share(position, progress)
         layers = self._layers
         hard_count = self.schedule.hard_layer_count(share, len(layers))
-        blend = self.schedule.phase(epoch) == "anneal"
+        blend = phase == "anneal"
         for index, layer in enumerate(layers):
             mode = "hard" if index < hard_count else "noise"
             for q in (layer.weight_quantizer, layer.input_quantizer):
@@ -304,12 +384,6 @@ class NIPQCallback(QuantizationAwareTraining):
         if self._phase(pl_module) == "hard":  # inputs calibrated inside the hard phase freeze now
             self.finalize_bits(pl_module)
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Bits freeze when the hard phase starts: always at an epoch boundary, so nothing
-        # needs checking per step. Idempotent, so a resumed hard epoch is unaffected.
-        if self._phase(pl_module) == "hard":
-            self.finalize_bits(pl_module)
-
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Walked afresh: a HardQuantize listed before this callback has converted the layers already.
         for _, q in quantizers(pl_module):
@@ -331,7 +405,9 @@ class NIPQCallback(QuantizationAwareTraining):
                         f"target {target:g}; whole bits are cut to fit, which costs accuracy. Raise "
                         "quantizer_lr_factor or reg_weight, or train longer before the hard phase."
                     )
-            chosen = self.bit_budget.fit(pairs)
+            # Under enforce_budget the learned bits meet the budget on average; rounding a few
+            # large layers can still leave much of it unused, so the fit fills it.
+            chosen = self.bit_budget.fit(pairs, fill=self.enforce_budget)
         for weight_q, input_q in pairs:
             for q in (weight_q, input_q):
                 if q is not None and q.learns_bits and q.calibrated:

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_nipq.callbacks.module_hooks import install_load_hook, seal_when_saved
+from lightning_nipq.callbacks.module_hooks import install_load_hook, remove_pending_seal, seal_when_saved
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.layers.attach import attach_quantizers
 from lightning_nipq.layers.model_walk import check_patterns, quantized_layers, quantizers
@@ -186,39 +186,44 @@ class QuantizationAwareTraining(Callback):
                 self._observer.watch(q, name)
                 q.deferred_observations = []
             if self._calibration_state is not None:
-                self._observer.load_state_dict(self._calibration_state)
+                try:
+                    self._observer.load_state_dict(self._calibration_state)
+                except ValueError as e:
+                    rank_zero_warn(f"{type(self).__name__}: the checkpoint's calibration statistics are not used ({e})")
         self._calibration_state = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._remove_wrappers()
+        self._remove_wrappers(pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning runs no teardown hook of the callbacks when fit raises: a wrapper left on
         # the module would add this dead callback's loss to every later fit.
-        self._remove_wrappers()
+        self._remove_wrappers(pl_module)
 
-    def _remove_wrappers(self) -> None:
+    def _remove_wrappers(self, pl_module: LightningModule) -> None:
         while self._undo:
             self._undo.pop()()
+        remove_pending_seal(pl_module)
 
     # ------------------------------------------------------------------ numeric guard
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
-        # One host sync per step: a NaN or Inf loss would otherwise train on, poison every
-        # learned range and bit-width, and fail much later far from its cause.
-        finite = bool(torch.isfinite(loss.detach()).all())
+        # A NaN or Inf loss would otherwise train on, poison every learned range and bit-width,
+        # and fail much later far from its cause. One host sync per step; under DDP the flag
+        # is summed over the processes first (one collective), so that every process stops
+        # or none does: one stopping alone would leave the others waiting in the all-reduce.
+        broken = (~torch.isfinite(loss.detach())).any().float()
         if trainer.world_size > 1:
-            # Every process stops, or none: one stopping alone would leave the others waiting in
-            # the gradient all-reduce.
-            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
+            broken = trainer.strategy.reduce(broken, reduce_op="sum")
+        if float(broken) > 0:
+            where = "on this process" if bool((~torch.isfinite(loss.detach())).any()) else "on another process"
             raise FloatingPointError(
-                f"{type(self).__name__}: the training loss is not finite (here {float(loss.detach().float().reshape(-1)[0])}) at epoch "
-                f"{trainer.current_epoch}, batch {self._batch_idx} (global step {trainer.global_step}). Check that batch "
-                "for NaN or Inf inputs; if the inputs are finite, lower the learning rate or quantizer_lr_factor. To skip "
-                "such batches instead, return None from training_step for them."
+                f"{type(self).__name__}: the training loss is not finite ({where}) at epoch {trainer.current_epoch}, "
+                f"batch {self._batch_idx} (global step {trainer.global_step}). Check that batch for NaN or Inf inputs; "
+                "if the inputs are finite, lower the learning rate or quantizer_lr_factor. On one process, returning "
+                "None from training_step for such batches skips them instead."
             )
 
     # ------------------------------------------------------------------ calibration and logging
@@ -296,7 +301,8 @@ class QuantizationAwareTraining(Callback):
         checkpoint[MANIFEST_KEY] = quantization_manifest(
             pl_module, epoch=trainer.current_epoch, config=self.settings(), **self._manifest_extra(pl_module)
         )
-        seal_when_saved(pl_module)
+        if trainer.is_global_zero:  # only rank zero writes the file
+            seal_when_saved(pl_module)
 
     def _manifest_extra(self, pl_module: LightningModule) -> dict[str, Any]:
         return {}

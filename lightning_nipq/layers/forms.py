@@ -202,25 +202,38 @@ class IntegerLayerMixin:
         )
 
 
-def check_integer_state(state: Any) -> tuple[int, Optional[int], bool, int]:
+def check_integer_state(state: Any, where: str = "") -> tuple[int, Optional[int], bool, int]:
     """``(weight_bits, input_bits, input_signed, input_numel)`` of an integer layer's saved state, checked.
+
+    The one check of these settings, wherever they are read from (``where`` prefixes the
+    names in messages: ``"layers[3]."`` for the artifact).
 
     Raises:
         ValueError: a value is missing, of the wrong type or out of range.
     """
-    if not isinstance(state, dict):
+    if not isinstance(state, Mapping):
         raise ValueError(f"an integer layer's saved state must be a dict, got {type(state).__name__}")
-    weight_bits = check_bit_width("weight_bits", state.get("weight_bits"), signed=True)
+    weight_bits = check_bit_width(f"{where}weight_bits", state.get("weight_bits"), signed=True)
     input_bits = state.get("input_bits")
     input_signed = state.get("input_signed")
     if not isinstance(input_signed, bool):
-        raise ValueError(f"input_signed must be True or False, got {input_signed!r}")
+        raise ValueError(f"{where}input_signed must be True or False, got {input_signed!r}")
     if input_bits is not None:
-        input_bits = check_bit_width("input_bits", input_bits, signed=input_signed)
+        input_bits = check_bit_width(f"{where}input_bits", input_bits, signed=input_signed)
     input_numel = state.get("input_numel")
-    if isinstance(input_numel, bool) or not isinstance(input_numel, int) or input_numel < 0:
-        raise ValueError(f"input_numel must be a whole number >= 0, got {input_numel!r}")
+    # An element count, so within what torch counts in (int64).
+    if isinstance(input_numel, bool) or not isinstance(input_numel, int) or not 0 <= input_numel < 2**63:
+        raise ValueError(f"{where}input_numel must be a whole number in [0, 2**63), got {input_numel!r}")
     return weight_bits, input_bits, input_signed, input_numel
+
+
+def check_codes(codes: Tensor, bits: int, name: str) -> None:
+    """Raise a `ValueError` naming ``name`` unless ``codes`` are integers within the ``±n`` of ``bits``-bit signed codes."""
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"{name} must be integers (torch.int8 or torch.int16), got {codes.dtype}")
+    n = num_levels(bits, True)
+    if codes.numel() and (int(codes.min()) < -n or int(codes.max()) > n):
+        raise ValueError(f"{name} hold {int(codes.min())}..{int(codes.max())}, outside ±{n}, the range of {bits}-bit codes")
 
 
 def check_saved_integer_layer(
@@ -249,14 +262,7 @@ def check_saved_integer_layer(
             raise ValueError(f"{prefix}{name} must be a tensor, got {type(value).__name__}")
     codes = tensors.get("weight_codes")
     if codes is not None:
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise ValueError(f"{prefix}weight_codes must be integers (torch.int8 or torch.int16), got {codes.dtype}")
-        n = num_levels(weight_bits, True)
-        if codes.numel() and (int(codes.min()) < -n or int(codes.max()) > n):
-            raise ValueError(
-                f"{prefix}weight_codes hold {int(codes.min())}..{int(codes.max())}, outside ±{n}, "
-                f"the range of the layer's {weight_bits}-bit codes"
-            )
+        check_codes(codes, weight_bits, f"{prefix}weight_codes")
     for name, positive in (("weight_scale", True), ("input_alpha", input_bits is not None)):
         value = tensors.get(name)
         if value is None:
@@ -384,9 +390,7 @@ class LayerKind:
         weight = layer.weight
         if tuple(weight_codes.shape) != tuple(weight.shape):
             raise ValueError(f"weight codes of shape {tuple(weight_codes.shape)} do not fit a weight of shape {tuple(weight.shape)}")
-        n = num_levels(weight_bits, True)
-        if weight_codes.numel() and (int(weight_codes.min()) < -n or int(weight_codes.max()) > n):
-            raise ValueError(f"weight codes exceed +-{n}, the range of {weight_bits}-bit codes")
+        check_codes(weight_codes, weight_bits, "weight codes")
         device = weight.device
         del layer.weight
         layer.__class__ = self.integer

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.quant.codes import MAX_BITS, MIN_BITS, MIN_SIGNED_BITS, check_bit_width, num_levels
+from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, num_levels
 from lightning_nipq.quant.fake_quant import round_ste
 
 
@@ -35,9 +35,8 @@ def _observe(observer: Any, quantizer: "BaseQuantizer", x: Tensor) -> None:
 
 def check_bit_range(min_bits: Any, max_bits: Any) -> None:
     """Raise a `ValueError` unless ``MIN_BITS <= min_bits <= max_bits <= MAX_BITS`` in whole numbers."""
-    for name, value in (("min_bits", min_bits), ("max_bits", max_bits)):
-        if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-            raise ValueError(f"{name} must be a whole number in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
+    check_bit_width("min_bits", min_bits)
+    check_bit_width("max_bits", max_bits)
     if max_bits < min_bits:
         raise ValueError(f"need min_bits <= max_bits, got min_bits={min_bits}, max_bits={max_bits}")
 
@@ -180,6 +179,11 @@ class BaseQuantizer(nn.Module):
     def rounded_bits(self) -> int:
         """The bit-width eval mode uses now, as a Python integer."""
         return int(self.bits().detach().item())
+
+    def set_continuous_bits(self, bits: Tensor) -> None:
+        """Move the learned bit-width to ``bits``; methods without learned bits have none to move."""
+        if self.learns_bits:
+            raise NotImplementedError(f"{type(self).__name__} learns its bits but cannot set them")
 
     def freeze_bits(self, bits: Optional[int] = None) -> None:
         """Freeze the bit-width at ``bits`` (by default the current rounded bits)."""

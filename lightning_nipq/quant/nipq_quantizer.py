@@ -170,6 +170,20 @@ class NIPQQuantizer(BaseQuantizer):
             return self.theta * 0.0 + float(self.frozen_bits)
         return self.min_bits + (self.max_bits - self.min_bits) * torch.sigmoid(self.theta)
 
+    @torch.no_grad()
+    def set_continuous_bits(self, bits: Tensor) -> None:
+        """Move the learned bit-width to ``bits`` (a tensor, clamped inside the bit range), without a host sync.
+
+        What projecting the learned bits onto the budget does after an optimizer step.
+        """
+        if self.frozen_bits is not None or self.max_bits == self.min_bits:
+            return
+        share = ((bits.to(self.theta.dtype) - self.min_bits) / (self.max_bits - self.min_bits)).clamp(1e-4, 1 - 1e-4)
+        # A move below 1e-4 bits leaves theta as it is: rewriting it through logit and sigmoid
+        # would change it by rounding alone, between the micro-batches of an accumulated step too.
+        moved = (self.continuous_bits().detach() - bits).abs() > 1e-4
+        self.theta.copy_(torch.where(moved, torch.log(share / (1 - share)), self.theta))
+
     def bits(self, stochastic: bool = False) -> Tensor:
         """Whole bits with a straight-through gradient to the continuous bits."""
         b = self.continuous_bits()

@@ -98,8 +98,8 @@ class RangeObserver:
         """Continue from `state_dict`: the statistics of the watched quantizers of the same names."""
         if state.get("method") != self.method or state.get("percentile") != self.percentile:
             raise ValueError(
-                f"the saved calibration used {state.get('method')!r} at {state.get('percentile')!r}, this one "
-                f"{self.method!r} at {self.percentile!r}; calibrate afresh or use the saved settings"
+                f"they were gathered for {state.get('method')!r} at {state.get('percentile')!r}, this calibration is "
+                f"{self.method!r} at {self.percentile!r}; it starts afresh"
             )
         by_name = {name: key for key, name in self._names.items()}
         for name, stats in state["statistics"].items():

@@ -38,11 +38,18 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.layers.attach import disable_transformer_fast_path
-from lightning_nipq.layers.forms import INTEGER_STATE_KEYS, IntegerLayerMixin, LayerKind, is_integer, is_quantized
+from lightning_nipq.layers.forms import (
+    INTEGER_STATE_KEYS,
+    IntegerLayerMixin,
+    LayerKind,
+    check_integer_state,
+    is_integer,
+    is_quantized,
+)
 from lightning_nipq.layers.layer_kinds import describe_layer, kind_named, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers, require_integer_model
 from lightning_nipq.layers.restore_point import restore_point
-from lightning_nipq.quant.codes import bit_width_rule, is_bit_width, num_levels
+from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.saving.bit_packing import pack_codes, packed_size, unpack_codes
 
 FORMAT_NAME = "lightning-nipq-integer"
@@ -338,12 +345,6 @@ def _number(path: Path, field: str, value: Any, positive: bool) -> float:
     return float(value)
 
 
-def _bits(path: Path, field: str, value: Any, signed: bool) -> int:
-    if not is_bit_width(value, signed):
-        raise _damaged(path, field, f"must be {bit_width_rule(signed)}, got {_shown(value)}")
-    return int(value)
-
-
 def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Stored]) -> _Layer:
     """One entry of ``layers``, checked against the format and against its packed tensor."""
     if not isinstance(entry, dict):
@@ -366,16 +367,11 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
         raise _damaged(path, f"{field}.type", f"must name a supported layer type ({supported_names()}), got {_shown(type_name)}")
     if not isinstance(value("kind"), str):
         raise _damaged(path, f"{field}.kind", f"must be a description (a string), got {_shown(entry['kind'])}")
-    weight_bits = _bits(path, f"{field}.weight_bits", value("weight_bits"), signed=True)
-    input_signed = value("input_signed")
-    if not isinstance(input_signed, bool):
-        raise _damaged(path, f"{field}.input_signed", f"must be true or false, got {_shown(input_signed)}")
-    input_bits = value("input_bits")
-    if input_bits is not None:
-        input_bits = _bits(path, f"{field}.input_bits", input_bits, signed=input_signed)
-    input_numel = value("input_numel")
-    if not _count(input_numel):
-        raise _damaged(path, f"{field}.input_numel", f"must be a whole number in [0, 2**63), got {_shown(input_numel)}")
+    settings = {key: value(key) for key in ("weight_bits", "input_bits", "input_signed", "input_numel")}
+    try:
+        weight_bits, input_bits, input_signed, input_numel = check_integer_state(settings, where=f"{field}.")
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {e}; the file was damaged or edited after it was written: {_FIX}") from None
 
     key = _prefix(name) + PACKED_SUFFIX
     packed = stored.get(key)

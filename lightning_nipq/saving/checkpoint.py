@@ -230,28 +230,13 @@ def _quantizer_entry(quantizer: BaseQuantizer) -> dict[str, Any]:
     }
 
 
-#: How torch.nn.utils.prune keeps a pruned tensor ``X.weight``: ``X.weight_orig`` and ``X.weight_mask``.
-_PRUNED_ORIG, _PRUNED_MASK = "_orig", "_mask"
-
-
 def _quantization_entries(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of the quantized and integer layers (their own weights and biases, quantizers, buffers, extra states).
-
-    A pruned tensor counts as ``mask * orig`` under its own name: Lightning's ModelPruning
-    writes it so into the checkpoint after the package's callbacks wrote the digest, and
-    with ``make_pruning_permanent=False`` leaves the two, so both forms give one digest.
-    """
+    """The entries of the quantized and integer layers (their own weights and biases, quantizers, buffers, extra states)."""
     layers = set(_saved_forms(state_dict))
     entries: dict[str, Any] = {}
     for key, value in state_dict.items():
         parts = key.split(".")
-        if "" not in layers and not any(".".join(parts[:i]) in layers for i in range(1, len(parts))):
-            continue
-        base = key[: -len(_PRUNED_ORIG)]
-        mask = state_dict.get(base + _PRUNED_MASK) if key.endswith(_PRUNED_ORIG) else None
-        if isinstance(value, Tensor) and isinstance(mask, Tensor):
-            entries[base] = mask.to(dtype=value.dtype) * value  # as ModelPruning computes it
-        elif not (key.endswith(_PRUNED_MASK) and key[: -len(_PRUNED_MASK)] + _PRUNED_ORIG in state_dict):
+        if "" in layers or any(".".join(parts[:i]) in layers for i in range(1, len(parts))):
             entries[key] = value
     return entries
 

@@ -385,21 +385,10 @@ def test_integer_checkpoints_carry_a_digest_of_their_codes(saved):
     assert isinstance(integer_model(saved).head, IntegerLayerMixin)
 
 
-def test_the_digest_counts_a_pruned_weight_as_lightnings_model_pruning_saves_it(saved):
-    # ModelPruning replaces the checkpoint's weight_orig and weight_mask by their product after
-    # the package's callbacks wrote the digest: both forms must give the same digest.
-    state = dict(torch.load(saved["nipq"], weights_only=True)["state_dict"])
-    weight = state.pop("head.weight")
-    mask = (torch.rand_like(weight) > 0.3).float()
-    pruned = {**state, "head.weight_orig": weight, "head.weight_mask": mask}
-    permanent = {**state, "head.weight": mask * weight}
-    assert quantization_state_digest(pruned) == quantization_state_digest(permanent)
-    assert quantization_state_digest(permanent) != quantization_state_digest({**state, "head.weight": weight})
-
-
 def test_a_checkpoint_whose_state_dict_a_later_callback_replaced_is_sealed_after_it(tmp_path):
     # WeightAveraging swaps the averaged weights into checkpoint["state_dict"] in its own
-    # on_save_checkpoint, after the package's callbacks wrote the manifest.
+    # on_save_checkpoint, after the package's callbacks wrote the manifest; ModelPruning
+    # does the same with the pruned weights (tested with the callbacks in test_nipq_callback).
     from lightning.pytorch.callbacks import WeightAveraging
 
     ds = blobs(128)

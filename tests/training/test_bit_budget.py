@@ -90,13 +90,13 @@ def test_unknown_budget_is_a_value_error():
 
 
 def test_schedule_phases_and_hand_over():
-    s = PhaseSchedule(max_epochs=10, hard_epochs=2, anneal_epochs=3)
+    s = PhaseSchedule(length=10, hard=2, anneal=3)
     assert [s.phase(e) for e in range(10)] == ["noise"] * 5 + ["anneal"] * 3 + ["hard"] * 2
     assert s.hard_share(4, 0.9) == 0.0 and s.hard_share(5, 0.0) == 0.0
     assert s.hard_share(6, 0.5) == pytest.approx(0.5) and s.hard_share(8, 0.0) == 1.0
     assert s.hard_layer_count(0.5, 7) == 3
-    with pytest.raises(ValueError, match="exceed max_epochs"):
-        PhaseSchedule(max_epochs=3, hard_epochs=2, anneal_epochs=2)
+    with pytest.raises(ValueError, match="exceed the run"):
+        PhaseSchedule(length=3, hard=2, anneal=2)
 
 
 def _layer(weight_size, macs, w_bits, input_size=None, a_bits=None):
