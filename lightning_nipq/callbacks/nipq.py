@@ -68,12 +68,13 @@ class NIPQCallback(QuantizationAwareTraining):
         anneal_fraction: the hand-over as a share of all optimizer steps, instead of
             ``anneal_epochs``.
         reg_weight: strength of the bit-budget regulariser (the penalty is in bits).
-        enforce_budget: before every training step of the noise phase, shift all learned
-            bits by the same amount so that their average (or BOPs) meets the budget exactly
-            (`lightning_nipq.training.BitBudget.project`): the budget holds however short the
-            run, and the task loss decides which layers sit above and which below. ``False``
-            leaves the average to the regulariser, which moves it about one bit per hundred
-            steps.
+        enforce_budget: before every optimizer step of the noise and hand-over phases, shift
+            all learned bits by the same amount so that their average (or BOPs) meets the
+            budget (`lightning_nipq.training.BitBudget.project`; the continuous bits, which
+            stochastic rounding trains at on average), and fill the budget with whole bits
+            when they freeze: the budget holds however short the run, and the task loss decides
+            which layers sit above and which below. ``False`` leaves the average to the
+            regulariser, which moves it about one bit per hundred steps.
         quantizer_lr_factor: learning-rate factor for quantizer parameters, which also get
             ``weight_decay=0`` (their groups are split off your optimizer's groups at fit start).
         include: shell-style module-name patterns to quantize (default: all supported layers).
@@ -200,6 +201,7 @@ class NIPQCallback(QuantizationAwareTraining):
         self.bit_budget = BitBudget(self.target_bits, self.target_act_bits, budget)
         self.schedule: Optional[PhaseSchedule] = None
         self._bits_frozen = False
+        self._projected_at: Optional[tuple[int, int]] = None
         self._distiller: Optional[Distiller] = None
         self._last_bit_loss: Optional[Tensor] = None
         self._bit_loss_calls = 0
@@ -225,6 +227,7 @@ class NIPQCallback(QuantizationAwareTraining):
     def _before_attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.schedule = self._make_schedule(trainer)
         self._bits_frozen = False
+        self._projected_at = None
         if self.distillation and self._distiller is None and not any(True for _ in quantized_layers(pl_module)):
             # The teacher is the float model, copied before it is quantized.
             self._distiller = Distiller(frozen_copy(pl_module), self.distillation_weight, self.distillation_temperature)
@@ -268,8 +271,9 @@ class NIPQCallback(QuantizationAwareTraining):
             )
         total = int(total)
         hard_fraction = DEFAULT_HARD_FRACTION if self.hard_fraction is None else self.hard_fraction
-        hard = round(total * hard_fraction)
-        anneal = round(total * (self.anneal_fraction or 0.0))
+        # At least one step of each phase asked for, however short the run.
+        hard = max(1, round(total * hard_fraction)) if hard_fraction > 0 else 0
+        anneal = max(1, round(total * self.anneal_fraction)) if self.anneal_fraction else 0
         return PhaseSchedule(total, min(hard, total), min(anneal, total - min(hard, total)), unit="step")
 
     def _training_step_wrapper(self, pl_module: LightningModule) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -356,7 +360,12 @@ class NIPQCallback(QuantizationAwareTraining):
         if self.schedule.unit == "epoch" and isinstance(total, int) and total > 0:
             progress = batch_idx / total
         if self.enforce_budget and phase != "hard":
-            self.bit_budget.project(self._pairs())
+            # Only when the bits may have changed: after an optimizer step, or once more inputs
+            # are calibrated (not between the micro-batches of an accumulated step).
+            key = (trainer.global_step, sum(1 for _, a in self._pairs() if a is not None and a.calibrated))
+            if key != self._projected_at:
+                self.bit_budget.project(self._pairs())
+                self._projected_at = key
         share = self.schedule.hard_share(position, progress)
         layers = self._layers
         hard_count = self.schedule.hard_layer_count(share, len(layers))

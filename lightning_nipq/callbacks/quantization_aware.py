@@ -254,7 +254,21 @@ class QuantizationAwareTraining(Callback):
         for q in self._calibrating:
             q.deferred_observations = None
         self._calibrating = []
+        self._agree_on_sizes(trainer, pl_module)
         self._after_calibration(pl_module)
+
+    @staticmethod
+    def _agree_on_sizes(trainer: Trainer, pl_module: LightningModule) -> None:
+        # Each process measured the quantizers' sizes (elements of an input, MACs of a layer)
+        # on its own first batches, which differ with dynamic padding. The budget weighs the
+        # layers by them: take the largest everywhere, so that every process weighs them alike.
+        if trainer.world_size <= 1:
+            return
+        found = [q for _, q in quantizers(pl_module)]
+        counts = torch.tensor([[q.size, q.macs] for q in found], dtype=torch.float64, device=trainer.strategy.root_device)
+        counts = trainer.strategy.reduce(counts, reduce_op="max").cpu()
+        for q, (size, macs) in zip(found, counts.tolist()):
+            q.size, q.macs = int(size), int(macs)
 
     def _pairs(self) -> list[tuple[BaseQuantizer, Optional[BaseQuantizer]]]:
         return [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers]

@@ -178,11 +178,13 @@ class NIPQQuantizer(BaseQuantizer):
         """
         if self.frozen_bits is not None or self.max_bits == self.min_bits:
             return
-        share = ((bits.to(self.theta.dtype) - self.min_bits) / (self.max_bits - self.min_bits)).clamp(1e-4, 1 - 1e-4)
+        # In float32 whatever theta's dtype: in bf16 or fp16, 1 - 1e-4 rounds to 1 and the logit
+        # of the top of the range would be infinite.
+        share = ((bits.float() - self.min_bits) / (self.max_bits - self.min_bits)).clamp(1e-4, 1 - 1e-4)
         # A move below 1e-4 bits leaves theta as it is: rewriting it through logit and sigmoid
-        # would change it by rounding alone, between the micro-batches of an accumulated step too.
-        moved = (self.continuous_bits().detach() - bits).abs() > 1e-4
-        self.theta.copy_(torch.where(moved, torch.log(share / (1 - share)), self.theta))
+        # would change it by rounding alone.
+        moved = (self.continuous_bits().detach().float() - bits.float()).abs() > 1e-4
+        self.theta.copy_(torch.where(moved, torch.log(share / (1 - share)).to(self.theta.dtype), self.theta))
 
     def bits(self, stochastic: bool = False) -> Tensor:
         """Whole bits with a straight-through gradient to the continuous bits."""

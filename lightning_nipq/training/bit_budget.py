@@ -110,7 +110,7 @@ class BitBudget:
         if self.budget == "bops":
             return fit_bops_to_budget(pairs, self.target_bits, float(self.target_act_bits), fill)  # type: ignore[arg-type]
         weights = [w for w, _ in pairs]
-        inputs = [a for _, a in pairs if a is not None]
+        inputs = [a for _, a in pairs if a is not None and a.calibrated]
         return {
             **fit_bits_to_budget(weights, self.target_bits, fill),
             **fit_bits_to_budget(inputs, float(self.target_act_bits), fill),  # type: ignore[arg-type]
@@ -155,8 +155,8 @@ class BitBudget:
         inputs each to their own target) or the MAC-weighted mean of ``b_w * b_a``
         (``"bops"``), met by the continuous bits, which stochastic rounding trains at on
         average. The task loss still moves each layer up or down against the others: the
-        allocation is learned, the average is not left to the regulariser's pace. No host
-        sync: the search runs on the quantizers' device.
+        allocation is learned, the average is not left to the regulariser's pace. The search
+        runs on the quantizers' device and reads nothing back from it.
         """
         if self.budget == "bops":
             self._project_bops(pairs)
@@ -169,10 +169,11 @@ class BitBudget:
             if not learning:
                 continue
             sizes = _vector([float(q.size) for q in learning], learning)
-            fixed = sum(q.size * q.rounded_bits() for q in sized if not q.learns_bits)
+            # Frozen bits as tensors: reading them back to the host would sync every step.
+            fixed = sum((q.size * q.continuous_bits().detach().float() for q in sized if not q.learns_bits), sizes.new_zeros(()))
             need = target * sum(q.size for q in sized) - fixed
             bits, low, high = _learned_bits(learning)
-            delta = _bisect(lambda d: (sizes * (bits - d).clamp(low, high)).sum() - need, _span(low, high))
+            delta = _bisect(lambda d: (sizes * (bits - d).clamp(low, high)).sum() - need, _span(learning), sizes.device)
             _set_bits(learning, (bits - delta).clamp(low, high))
 
     def _project_bops(self, pairs: Sequence[Pair]) -> None:
@@ -198,8 +199,8 @@ class BitBudget:
             w, a = shifted(delta)
             return (shares * w * a).sum() - target
 
-        span = max(_span(weights[1], weights[2]), _span(inputs[1], inputs[2]))
-        w, a = shifted(_bisect(excess, span))
+        span = _span([q for pair in measured for q in pair if q is not None])
+        w, a = shifted(_bisect(excess, span, shares.device))
         for index, (weight_q, input_q) in enumerate(measured):
             weight_q.set_continuous_bits(w[index])
             if input_q is not None:
@@ -237,9 +238,9 @@ def _learned_bits(quantizers: Sequence[BaseQuantizer]) -> tuple[Tensor, Tensor, 
     return bits, low, high
 
 
-def _span(low: Tensor, high: Tensor) -> float:
-    """The furthest any of these bit-widths can move."""
-    return float((high - low).max())
+def _span(quantizers: Sequence[BaseQuantizer]) -> float:
+    """The furthest any of these quantizers' bits can move (from Python integers: no device read)."""
+    return float(max(q.highest_bits - q.lowest_bits for q in quantizers))
 
 
 def _sides(quantizers: Sequence[Optional[BaseQuantizer]], like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -258,12 +259,10 @@ def _sides(quantizers: Sequence[Optional[BaseQuantizer]], like: Tensor) -> tuple
     return torch.stack(bits), like.new_tensor(low), like.new_tensor(high), like.new_tensor(moves)
 
 
-def _bisect(excess: Callable[[Tensor], Tensor], span: float, steps: int = 30) -> Tensor:
+def _bisect(excess: Callable[[Tensor], Tensor], span: float, device: torch.device, steps: int = 30) -> Tensor:
     """The smallest shift ``delta`` in ``[-span, span]`` with ``excess(delta) <= 0``, for a non-increasing ``excess``."""
-    low = torch.tensor(-span, dtype=torch.float32)
-    high = torch.tensor(span, dtype=torch.float32)
-    probe = excess(low)
-    low, high = low.to(probe.device), high.to(probe.device)
+    low = torch.full((), -span, dtype=torch.float32, device=device)
+    high = torch.full((), span, dtype=torch.float32, device=device)
     for _ in range(steps):
         middle = (low + high) / 2
         above = excess(middle) > 0

@@ -73,3 +73,10 @@ def test_the_fill_uses_the_budget_where_rounding_would_leave_it_unused():
     filled = fit_bits_to_budget(weights, 3.0, fill=True)
     assert 2.95 <= mean(filled) <= 3.0
     assert filled[id(weights[0])] == 5  # the small, sensitive layer keeps its learned bits
+
+
+def test_setting_the_top_of_the_range_keeps_theta_finite_in_half_precision():
+    for dtype in (torch.bfloat16, torch.float16):
+        q = NIPQQuantizer(min_bits=2, max_bits=8).to(dtype)
+        q.set_continuous_bits(torch.tensor(8.0))
+        assert torch.isfinite(q.theta).all() and float(q.continuous_bits()) > 7.9
