@@ -97,15 +97,20 @@ class Recorder(Callback):
         self.fake_state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def main(out_dir: str, mode: str, sampling: str) -> None:
+def main(out_dir: str, mode: str, sampling: str, budget: str = "regulariser") -> None:
     torch.set_num_threads(1)
     seed_everything(0, verbose=False)
     data = image_blobs(SAMPLES)
     model = GroupedConvNet()
-    # enforce_budget=False: the regulariser alone moves the bits, so its term is non-zero and
-    # its gradient must reach every rank alike.
+    # budget="regulariser": the regulariser alone moves the bits, so its term is non-zero and
+    # its gradient must reach every rank alike; "enforced": the default projection moves them.
     nipq = NIPQCallback(
-        target_bits=4, hard_epochs=1, anneal_epochs=1, calibration_batches=2, quantizer_lr_factor=20.0, enforce_budget=False
+        target_bits=4,
+        hard_epochs=1,
+        anneal_epochs=1,
+        calibration_batches=2,
+        quantizer_lr_factor=20.0,
+        enforce_budget=budget == "enforced",
     )
     recorder = Recorder(nipq)
     hard = HardQuantize(bn_batches=2, compare_batches=2, verbose=False)
@@ -156,4 +161,4 @@ def main(out_dir: str, mode: str, sampling: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

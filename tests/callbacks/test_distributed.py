@@ -35,12 +35,12 @@ LAUNCH_VARIABLES = (
 )
 
 
-def _run(out_dir: Path, mode: str, sampling: str) -> list[dict[str, Any]]:
+def _run(out_dir: Path, mode: str, sampling: str, budget: str = "regulariser") -> list[dict[str, Any]]:
     out_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out_dir), mode, sampling],
+        [sys.executable, str(SCRIPT), str(out_dir), mode, sampling, budget],
         capture_output=True,
         text=True,
         timeout=240,
@@ -112,6 +112,18 @@ def test_ddp_ranks_keep_identical_quantizers_and_convert_to_the_same_integer_mod
     assert rank0["report"] == rank1["report"]
     assert rank0["report"]["agreement"] == 1.0 and rank0["report"]["avg_weight_bits"] <= 4.0
     assert rank0["report"]["compared_batches"] == 4, "both ranks' comparisons count"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stay_identical_with_the_budget_enforced(tmp_path: Path) -> None:
+    # The default enforce_budget writes the learned bits outside the optimizer, so DDP never
+    # averages them: the ranks must compute the same shift from the same sizes and MACs.
+    rank0, rank1 = _run(tmp_path / "out", "ddp", "sharded", "enforced")
+    assert _quantizer_differences(rank0["quantizers"], rank1["quantizers"]) == []
+    assert _tensor_dict_differences(rank0["integer_state"], rank1["integer_state"]) == []
+    assert torch.equal(rank0["outputs"], rank1["outputs"])
+    assert rank0["report"] == rank1["report"]
+    assert rank0["report"]["avg_weight_bits"] <= 4.0 + 1e-9
 
 
 @pytest.mark.slow
