@@ -56,10 +56,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--mixed", type=float, nargs="*", default=[4.0, 3.0, 2.5], help="NIPQ mixed-precision averages")
     parser.add_argument("--methods", nargs="+", choices=["ptq", "lsq", "nipq", "mixed"], default=["ptq", "lsq", "nipq", "mixed"])
     parser.add_argument("--ptq-method", choices=["minmax", "percentile", "mse"], default="mse")
-    parser.add_argument("--nipq-lr-factor", type=float, default=50.0, help="NIPQ quantizer learning-rate factor")
+    parser.add_argument(
+        "--nipq-lr-factor", type=float, default=10.0, help="NIPQ quantizer learning-rate factor (the callback's default)"
+    )
     parser.add_argument("--nipq-fixed-lr-factor", type=float, default=10.0, help="the same for NIPQ at fixed bits")
     parser.add_argument("--nipq-max-bits", type=int, default=8, help="NIPQ mixed: highest learnable bits (start: half a bit under)")
-    parser.add_argument("--nipq-weight-init", choices=["max", "mse"], default="max", help="NIPQ's starting weight range")
+    parser.add_argument(
+        "--nipq-weight-init", choices=["max", "mse"], default="mse", help="NIPQ's starting weight range (the callback's default)"
+    )
     parser.add_argument("--lsq-lr-factor", type=float, default=1.0, help="LSQ step-size learning-rate factor")
     parser.add_argument("--noise", choices=["uniform", "histogram"], default="uniform")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the quantized runs (float: the first)")

@@ -133,8 +133,13 @@ def plan_layers(
     for name, module in named.items():
         if not name:
             continue
-        if is_quantized(module) or is_integer(module):
+        if is_quantized(module):
             raise ValueError(f"{name} is already quantized; build the model afresh or call detach_quantizers first")
+        if is_integer(module):
+            raise ValueError(
+                f"{name} is an integer layer, whose float weights are gone; build the model afresh (or load a float "
+                "checkpoint into a fresh instance) to quantize it again"
+            )
         reason = unquantizable_reason(module, parents.get(id(module)))
         if reason is not None:
             skipped.append((name, reason))

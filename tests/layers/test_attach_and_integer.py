@@ -85,6 +85,10 @@ def test_bad_patterns_and_models_without_layers_raise_value_errors():
     attach_quantizers(model)
     with pytest.raises(ValueError, match="already quantized"):
         attach_quantizers(model)
+    calibrate_activations(model, [blobs(32).tensors[0]], forward=model)
+    hard_quantize(model)
+    with pytest.raises(ValueError, match="integer layer, whose float weights are gone"):  # detaching would not help
+        attach_quantizers(model)
 
 
 @pytest.mark.parametrize(
