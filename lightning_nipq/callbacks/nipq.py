@@ -69,7 +69,7 @@ class NIPQCallback(QuantizationAwareTraining):
             ``anneal_epochs``.
         reg_weight: strength of the bit-budget regulariser (the penalty is in bits).
         enforce_budget: before every optimizer step of the noise and hand-over phases, shift
-            all learned bits by the same amount so that their average (or BOPs) meets the
+            all learned bits together (their logits by one amount) so that their average (or BOPs) meets the
             budget (`lightning_nipq.training.BitBudget.project`; the continuous bits, which
             stochastic rounding trains at on average), and fill the budget with whole bits
             when they freeze: the budget holds however short the run, and the task loss decides

@@ -180,10 +180,17 @@ class BaseQuantizer(nn.Module):
         """The bit-width eval mode uses now, as a Python integer."""
         return int(self.bits().detach().item())
 
-    def set_continuous_bits(self, bits: Tensor) -> None:
-        """Move the learned bit-width to ``bits``; methods without learned bits have none to move."""
-        if self.learns_bits:
-            raise NotImplementedError(f"{type(self).__name__} learns its bits but cannot set them")
+    def logistic_bits(self) -> tuple[Tensor, float, float]:
+        """``(logit, low, high)`` with the learned bits ``low + (high - low) * sigmoid(logit)``.
+
+        What moves all learned bits together (`lightning_nipq.training.BitBudget.project`);
+        only methods that learn their bits have it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not learn its bits")
+
+    def shift_bit_logit(self, delta: Tensor) -> None:
+        """Lower the logit of `logistic_bits` by ``delta`` (the learned bits move within their range)."""
+        raise NotImplementedError(f"{type(self).__name__} does not learn its bits")
 
     def freeze_bits(self, bits: Optional[int] = None) -> None:
         """Freeze the bit-width at ``bits`` (by default the current rounded bits)."""

@@ -170,21 +170,15 @@ class NIPQQuantizer(BaseQuantizer):
             return self.theta * 0.0 + float(self.frozen_bits)
         return self.min_bits + (self.max_bits - self.min_bits) * torch.sigmoid(self.theta)
 
-    @torch.no_grad()
-    def set_continuous_bits(self, bits: Tensor) -> None:
-        """Move the learned bit-width to ``bits`` (a tensor, clamped inside the bit range), without a host sync.
+    def logistic_bits(self) -> tuple[Tensor, float, float]:
+        return self.theta, float(self.min_bits), float(self.max_bits)
 
-        What projecting the learned bits onto the budget does after an optimizer step.
-        """
-        if self.frozen_bits is not None or self.max_bits == self.min_bits:
-            return
-        # In float32 whatever theta's dtype: in bf16 or fp16, 1 - 1e-4 rounds to 1 and the logit
-        # of the top of the range would be infinite.
-        share = ((bits.float() - self.min_bits) / (self.max_bits - self.min_bits)).clamp(1e-4, 1 - 1e-4)
-        # A move below 1e-4 bits leaves theta as it is: rewriting it through logit and sigmoid
-        # would change it by rounding alone.
-        moved = (self.continuous_bits().detach().float() - bits.float()).abs() > 1e-4
-        self.theta.copy_(torch.where(moved, torch.log(share / (1 - share)).to(self.theta.dtype), self.theta))
+    @torch.no_grad()
+    def shift_bit_logit(self, delta: Tensor) -> None:
+        if self.frozen_bits is None:
+            # A shift below 1e-6 is the search's own resolution, not a move: theta stays as it is.
+            delta = delta.to(self.theta.device, torch.float32)
+            self.theta.sub_(torch.where(delta.abs() < 1e-6, torch.zeros_like(delta), delta).to(self.theta.dtype))
 
     def bits(self, stochastic: bool = False) -> Tensor:
         """Whole bits with a straight-through gradient to the continuous bits."""

@@ -149,14 +149,17 @@ class BitBudget:
     def project(self, pairs: Sequence[Pair]) -> None:
         """Shift the learned bits so that they meet this budget, keeping their differences.
 
-        Every quantizer that learns its bits (calibrated inputs only) moves by the same number
-        of bits ``delta``, within its bit range: the smallest shift, found by bisection, at
-        which the budget holds for their element-weighted average (``"avg_bits"``, weights and
-        inputs each to their own target) or the MAC-weighted mean of ``b_w * b_a``
-        (``"bops"``), met by the continuous bits, which stochastic rounding trains at on
-        average. The task loss still moves each layer up or down against the others: the
-        allocation is learned, the average is not left to the regulariser's pace. The search
-        runs on the quantizers' device and reads nothing back from it.
+        The bit parameter of every quantizer that learns its bits (calibrated inputs only)
+        moves by the same amount ``delta`` (its logit: ``bits = low + (high - low) *
+        sigmoid(logit - delta)``, so no bit-width leaves its range and the differences that
+        training made between the parameters stay as they are). ``delta`` is the smallest
+        shift, found by bisection, at which the budget holds for the element-weighted average
+        of the continuous bits (``"avg_bits"``, weights and inputs each to their own target)
+        or the MAC-weighted mean of ``b_w * b_a`` (``"bops"``); stochastic rounding trains at
+        the continuous bits on average. The task loss still moves each layer up or down
+        against the others: the allocation is learned, the average is not left to the
+        regulariser's pace. The search runs on the quantizers' device and reads nothing back
+        from it.
         """
         if self.budget == "bops":
             self._project_bops(pairs)
@@ -172,9 +175,8 @@ class BitBudget:
             # Frozen bits as tensors: reading them back to the host would sync every step.
             fixed = sum((q.size * q.continuous_bits().detach().float() for q in sized if not q.learns_bits), sizes.new_zeros(()))
             need = target * sum(q.size for q in sized) - fixed
-            bits, low, high = _learned_bits(learning)
-            delta = _bisect(lambda d: (sizes * (bits - d).clamp(low, high)).sum() - need, _span(learning), sizes.device)
-            _set_bits(learning, (bits - delta).clamp(low, high))
+            bits = _LogisticBits(learning)
+            _apply_shift(learning, _bisect(lambda d: (sizes * bits.at(d)).sum() - need, sizes.device))
 
     def _project_bops(self, pairs: Sequence[Pair]) -> None:
         measured = [(w, a if a is not None and a.calibrated else None) for w, a in pairs if w.macs > 0]
@@ -187,24 +189,10 @@ class BitBudget:
             w.macs / macs * self.target_bits * (float(self.target_act_bits) if a is not None else FLOAT_BITS)  # type: ignore[arg-type]
             for w, a in measured
         )
-        weights = _sides([w for w, _ in measured], shares)
-        inputs = _sides([a for _, a in measured], shares)
-
-        def shifted(delta: Tensor) -> tuple[Tensor, Tensor]:
-            return tuple(  # type: ignore[return-value]
-                (bits - delta * moves).clamp(low, high) for bits, low, high, moves in (weights, inputs)
-            )
-
-        def excess(delta: Tensor) -> Tensor:
-            w, a = shifted(delta)
-            return (shares * w * a).sum() - target
-
-        span = _span([q for pair in measured for q in pair if q is not None])
-        w, a = shifted(_bisect(excess, span, shares.device))
-        for index, (weight_q, input_q) in enumerate(measured):
-            weight_q.set_continuous_bits(w[index])
-            if input_q is not None:
-                input_q.set_continuous_bits(a[index])
+        weight_bits = _LayerBits([w for w, _ in measured], shares)
+        input_bits = _LayerBits([a for _, a in measured], shares)
+        delta = _bisect(lambda d: (shares * weight_bits.at(d) * input_bits.at(d)).sum() - target, shares.device)
+        _apply_shift(learning, delta)
 
     def _bops_loss(
         self, pairs: Sequence[Pair], device: torch.device
@@ -230,36 +218,46 @@ def _vector(values: list[float], like: Sequence[BaseQuantizer]) -> Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like[0].alpha.device)
 
 
-def _learned_bits(quantizers: Sequence[BaseQuantizer]) -> tuple[Tensor, Tensor, Tensor]:
-    """The continuous bits of ``quantizers`` and the ends they may move between (their rounded range)."""
-    bits = torch.stack([q.continuous_bits().detach().float().reshape(()) for q in quantizers])
-    low = bits.new_tensor([float(q.lowest_bits) for q in quantizers])
-    high = bits.new_tensor([float(q.highest_bits) for q in quantizers])
-    return bits, low, high
+class _LogisticBits:
+    """The continuous bits of learning quantizers as a function of a common shift of their logits, vectorised."""
+
+    def __init__(self, quantizers: Sequence[BaseQuantizer]) -> None:
+        forms = [q.logistic_bits() for q in quantizers]
+        self.logits = torch.stack([logit.detach().float().reshape(()) for logit, _, _ in forms])
+        self.low = self.logits.new_tensor([low for _, low, _ in forms])
+        self.span = self.logits.new_tensor([high - low for _, low, high in forms])
+
+    def at(self, delta: Tensor) -> Tensor:
+        return self.low + self.span * torch.sigmoid(self.logits - delta)
 
 
-def _span(quantizers: Sequence[BaseQuantizer]) -> float:
-    """The furthest any of these quantizers' bits can move (from Python integers: no device read)."""
-    return float(max(q.highest_bits - q.lowest_bits for q in quantizers))
+class _LayerBits:
+    """One side (weights or inputs) of every measured layer: learned bits shift, frozen bits and float inputs (32) do not."""
+
+    def __init__(self, quantizers: Sequence[Optional[BaseQuantizer]], like: Tensor) -> None:
+        self.learning = [i for i, q in enumerate(quantizers) if q is not None and q.learns_bits]
+        fixed = [FLOAT_BITS if q is None else q.continuous_bits().detach().float().reshape(()) for q in quantizers]
+        self.fixed = torch.stack([like.new_tensor(v) if isinstance(v, float) else v.to(like.device) for v in fixed])
+        self.bits = _LogisticBits([quantizers[i] for i in self.learning]) if self.learning else None  # type: ignore[misc]
+        self.index = torch.tensor(self.learning, dtype=torch.long, device=like.device)
+
+    def at(self, delta: Tensor) -> Tensor:
+        if self.bits is None:
+            return self.fixed
+        return self.fixed.index_copy(0, self.index, self.bits.at(delta))
 
 
-def _sides(quantizers: Sequence[Optional[BaseQuantizer]], like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(bits, low, high, moves)`` of one side of each layer; a float input is 32 bits that never move."""
-    bits, low, high, moves = [], [], [], []
+def _apply_shift(quantizers: Sequence[BaseQuantizer], delta: Tensor) -> None:
     for q in quantizers:
-        if q is None:
-            value, ends, learns = like.new_tensor(FLOAT_BITS), (FLOAT_BITS, FLOAT_BITS), False
-        else:
-            value = q.continuous_bits().detach().float().reshape(()).to(like.device)
-            ends, learns = (float(q.lowest_bits), float(q.highest_bits)), q.learns_bits
-        bits.append(value)
-        low.append(ends[0])
-        high.append(ends[1])
-        moves.append(1.0 if learns else 0.0)
-    return torch.stack(bits), like.new_tensor(low), like.new_tensor(high), like.new_tensor(moves)
+        q.shift_bit_logit(delta)
 
 
-def _bisect(excess: Callable[[Tensor], Tensor], span: float, device: torch.device, steps: int = 30) -> Tensor:
+#: The logit shifts `_bisect` searches, ``[-LOGIT_SPAN, LOGIT_SPAN]``: wide enough to take any
+#: learned bit-width from one end of its range to the other.
+LOGIT_SPAN = 40.0
+
+
+def _bisect(excess: Callable[[Tensor], Tensor], device: torch.device, span: float = LOGIT_SPAN, steps: int = 40) -> Tensor:
     """The smallest shift ``delta`` in ``[-span, span]`` with ``excess(delta) <= 0``, for a non-increasing ``excess``."""
     low = torch.full((), -span, dtype=torch.float32, device=device)
     high = torch.full((), span, dtype=torch.float32, device=device)
@@ -269,11 +267,6 @@ def _bisect(excess: Callable[[Tensor], Tensor], span: float, device: torch.devic
         low = torch.where(above, middle, low)
         high = torch.where(above, high, middle)
     return high
-
-
-def _set_bits(quantizers: Sequence[BaseQuantizer], bits: Tensor) -> None:
-    for q, value in zip(quantizers, bits):
-        q.set_continuous_bits(value)
 
 
 #: Budget resolution of the fits: the dynamic programme tracks at most this many states.

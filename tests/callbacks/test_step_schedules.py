@@ -33,7 +33,8 @@ class NoiseEnd(Callback):
                 if not group:
                     continue  # inputs before calibration
                 total = sum(q.size for q in group)
-                self.last_noise[label] = sum(q.size * float(q.bits()) for q in group) / total
+                # The learned bits: the continuous ones, which stochastic rounding trains at on average.
+                self.last_noise[label] = sum(q.size * float(q.continuous_bits()) for q in group) / total
                 self.last_noise[label + "_spread"] = max(float(q.continuous_bits()) for q in group) - min(
                     float(q.continuous_bits()) for q in group
                 )
@@ -54,7 +55,8 @@ def test_max_steps_alone_ends_in_a_hard_phase_with_the_budget_met(make, batch_si
     assert abs(watch.last_noise["weight"] - 3) <= 0.25 and abs(watch.last_noise["input"] - 3) <= 0.25, watch.last_noise
     assert watch.last_noise["weight_spread"] > 0.05  # the layers learned different bits
     assert not [w for w in caught if "above the target" in str(w.message)]
-    assert hard.report is not None and hard.report.avg_weight_bits <= 3.0 + 1e-9
+    # and the freeze fills the budget with whole bits
+    assert hard.report is not None and 2.95 <= hard.report.avg_weight_bits <= 3.0 + 1e-9
 
 
 class Stream(IterableDataset):
