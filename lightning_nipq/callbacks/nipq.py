@@ -201,7 +201,7 @@ class NIPQCallback(QuantizationAwareTraining):
         self.bit_budget = BitBudget(self.target_bits, self.target_act_bits, budget)
         self.schedule: Optional[PhaseSchedule] = None
         self._bits_frozen = False
-        self._projected_at: Optional[tuple[int, int]] = None
+        self._projected_at: Optional[tuple[int, bool]] = None
         self._distiller: Optional[Distiller] = None
         self._last_bit_loss: Optional[Tensor] = None
         self._bit_loss_calls = 0
@@ -360,9 +360,9 @@ class NIPQCallback(QuantizationAwareTraining):
         if self.schedule.unit == "epoch" and isinstance(total, int) and total > 0:
             progress = batch_idx / total
         if self.enforce_budget and phase != "hard":
-            # Only when the bits may have changed: after an optimizer step, or once more inputs
+            # Only when the bits may have changed: after an optimizer step, or once the inputs
             # are calibrated (not between the micro-batches of an accumulated step).
-            key = (trainer.global_step, sum(1 for _, a in self._pairs() if a is not None and a.calibrated))
+            key = (trainer.global_step, self._observer is None)
             if key != self._projected_at:
                 self.bit_budget.project(self._pairs())
                 self._projected_at = key
