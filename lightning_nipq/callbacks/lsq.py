@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTraining
 from lightning_nipq.quant.lsq_quantizer import LSQConfig
@@ -30,6 +30,12 @@ class LSQCallback(QuantizationAwareTraining):
         exclude: module-name patterns to leave in float.
         float_input_layers: layers whose input stays float (default: the first supported
             layer, which usually takes the raw model input).
+        weight_granularity: ``"channel"`` (one range per output channel), ``"tensor"`` (one
+            per weight) or a group size ``g`` (one per ``g`` consecutive inputs of each output
+            channel, for linear layers: weight-only transformers use 32 to 128). Bits stay one
+            per layer.
+        quantize_inputs: ``False`` quantizes weights only: no input quantizer anywhere, and
+            the budget counts weights only.
         calibration_batches: training batches used to measure input ranges and signs before
             input quantization starts.
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
@@ -55,11 +61,13 @@ class LSQCallback(QuantizationAwareTraining):
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         float_input_layers: Optional[Sequence[str]] = None,
+        weight_granularity: Union[str, int] = "tensor",
+        quantize_inputs: bool = True,
         calibration_batches: int = 4,
         calibration_percentile: float = 99.9,
         log_per_layer: bool = True,
     ) -> None:
-        config = LSQConfig(weight_bits=weight_bits, act_bits=act_bits)
+        config = LSQConfig(weight_bits=weight_bits, act_bits=act_bits, weight_granularity=weight_granularity)
         super().__init__(
             config,
             quantizer_lr_factor=quantizer_lr_factor,
@@ -69,6 +77,7 @@ class LSQCallback(QuantizationAwareTraining):
             calibration_batches=calibration_batches,
             calibration_percentile=calibration_percentile,
             log_per_layer=log_per_layer,
+            quantize_inputs=quantize_inputs,
         )
         self.quantizer_config: LSQConfig = config
 

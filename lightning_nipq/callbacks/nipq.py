@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -81,6 +81,12 @@ class NIPQCallback(QuantizationAwareTraining):
         exclude: module-name patterns to leave in float.
         float_input_layers: layers whose input stays float (default: the first supported
             layer, which usually takes the raw model input).
+        weight_granularity: ``"channel"`` (one range per output channel), ``"tensor"`` (one
+            per weight) or a group size ``g`` (one per ``g`` consecutive inputs of each output
+            channel, for linear layers: weight-only transformers use 32 to 128). Bits stay one
+            per layer.
+        quantize_inputs: ``False`` quantizes weights only: no input quantizer anywhere, and
+            the budget counts weights only.
         calibration_batches: training batches used to measure input ranges and signs before
             input quantization starts.
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
@@ -127,6 +133,8 @@ class NIPQCallback(QuantizationAwareTraining):
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         float_input_layers: Optional[Sequence[str]] = None,
+        weight_granularity: Union[str, int] = "tensor",
+        quantize_inputs: bool = True,
         calibration_batches: int = 4,
         calibration_percentile: float = 99.9,
         init_bits: Optional[float] = None,
@@ -145,6 +153,7 @@ class NIPQCallback(QuantizationAwareTraining):
             noise=noise,
             stochastic_bits=stochastic_bits,
             weight_init=weight_init,
+            weight_granularity=weight_granularity,
         )
         _check_targets(config, target_bits, target_act_bits)
         if budget not in BUDGETS:
@@ -183,6 +192,7 @@ class NIPQCallback(QuantizationAwareTraining):
             calibration_batches=calibration_batches,
             calibration_percentile=calibration_percentile,
             log_per_layer=log_per_layer,
+            quantize_inputs=quantize_inputs,
         )
         self.quantizer_config: NIPQConfig = config
         self.target_bits = float(target_bits)

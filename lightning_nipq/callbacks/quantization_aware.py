@@ -54,6 +54,7 @@ class QuantizationAwareTraining(Callback):
             input quantization starts.
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
         log_per_layer: log each layer's bits and ranges on the steps the loggers write.
+        quantize_inputs: ``False`` quantizes weights only (no input quantizer anywhere).
     """
 
     def __init__(
@@ -66,7 +67,15 @@ class QuantizationAwareTraining(Callback):
         calibration_batches: int,
         calibration_percentile: float,
         log_per_layer: bool,
+        quantize_inputs: bool = True,
     ) -> None:
+        if not isinstance(quantize_inputs, bool):
+            raise ValueError(f"quantize_inputs must be True or False, got {quantize_inputs!r}")
+        if not quantize_inputs and float_input_layers is not None:
+            raise ValueError(
+                "float_input_layers names layers whose input stays float, but quantize_inputs=False already leaves every "
+                "input float; pass one or the other"
+            )
         if isinstance(quantizer_lr_factor, bool) or not isinstance(quantizer_lr_factor, (int, float)) or not (
             0 < quantizer_lr_factor < math.inf
         ):
@@ -87,6 +96,7 @@ class QuantizationAwareTraining(Callback):
         self.calibration_batches = calibration_batches
         self.calibration_percentile = float(calibration_percentile)
         self.log_per_layer = log_per_layer
+        self.quantize_inputs = quantize_inputs
         #: ``(name, reason)`` of the layers left in float when the quantizers were attached.
         self.skipped: list[tuple[str, str]] = []
         self._named_layers: list[tuple[str, Any]] = []
@@ -102,7 +112,11 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ for subclasses
     def settings(self) -> dict[str, Any]:
         """The callback's settings, saved in its state and the checkpoint manifest."""
-        return {"method": self.quantizer_config.method}
+        return {
+            "method": self.quantizer_config.method,
+            "weight_granularity": self.quantizer_config.weight_granularity,
+            "quantize_inputs": self.quantize_inputs,
+        }
 
     def _before_attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Runs in ``setup`` for fit before the quantizers are attached (the model is still float if new)."""
@@ -135,7 +149,9 @@ class QuantizationAwareTraining(Callback):
         if any(True for _ in quantized_layers(pl_module)):
             self._adopt_quantizers(pl_module)
         else:
-            result = attach_quantizers(pl_module, self.quantizer_config, self.include, self.exclude, self.float_input_layers)
+            result = attach_quantizers(
+                pl_module, self.quantizer_config, self.include, self.exclude, self.float_input_layers, self.quantize_inputs
+            )
             self.skipped = result.skipped
             rank_zero_info(
                 f"{name}: quantizing {len(result.quantized)} layers (float input: {result.float_input})"
@@ -154,6 +170,8 @@ class QuantizationAwareTraining(Callback):
             if q is not None
         ]
         problems = [f"{name}: {d}" for name, role, q in pairs if (d := self.quantizer_config.difference(q, role)) is not None]
+        if not self.quantize_inputs:
+            problems += [f"{name}: it quantizes its input, and quantize_inputs=False" for name, role, _ in pairs if role == "input"]
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(

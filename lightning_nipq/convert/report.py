@@ -10,6 +10,7 @@ from torch import nn
 from lightning_nipq.layers.layer_kinds import describe_layer
 from lightning_nipq.layers.model_walk import integer_layers, left_in_float
 from lightning_nipq.quant.codes import num_levels
+from lightning_nipq.quant.granularity import granularity_name
 
 
 def _figure(value: Optional[float]) -> str:
@@ -22,11 +23,15 @@ class LayerReport:
     kind: str
     weight_bits: int
     input_bits: Optional[int]  # None: the input stays float
-    weight_alpha: float
+    weight_alpha: float  # the largest range where there are several (per channel or group)
     input_alpha: Optional[float]
     params: int
     weight_numel: int
     input_numel: int
+    #: ``tensor``, ``channel`` or ``group of g``: how many ranges the weight has.
+    granularity: str = "tensor"
+    #: The weight's stored steps (1 per tensor, the channels or groups otherwise).
+    weight_ranges: int = 1
 
 
 @dataclass
@@ -67,19 +72,26 @@ class QuantizationReport:
         return 4 * self.total_params
 
     @property
+    def weight_only(self) -> bool:
+        """Whether no layer quantizes its input (``quantize_inputs=False``)."""
+        return bool(self.layers) and all(r.input_bits is None for r in self.layers)
+
+    @property
     def quantized_bytes(self) -> float:
-        """Quantized weights at their bit-width plus every other parameter in float32."""
+        """Quantized weights at their bit-width, their float32 steps and input ranges, and every other parameter in float32."""
         weight_bits = sum(r.weight_bits * r.weight_numel for r in self.layers)
         other = self.total_params - sum(r.weight_numel for r in self.layers)
-        return weight_bits / 8 + 4 * other
+        steps = sum(r.weight_ranges + (r.input_bits is not None) for r in self.layers)
+        return weight_bits / 8 + 4 * (other + steps)
 
     def table(self) -> str:
-        header = ("layer", "kind", "w bits", "in bits", "w alpha", "in alpha", "params")
+        header = ("layer", "kind", "w bits", "w ranges", "in bits", "w alpha", "in alpha", "params")
         rows = [
             (
                 r.name,
                 r.kind,
                 str(r.weight_bits),
+                ranges_label(r),
                 "float" if r.input_bits is None else str(r.input_bits),
                 f"{r.weight_alpha:.4g}",
                 "-" if r.input_alpha is None else f"{r.input_alpha:.4g}",
@@ -95,7 +107,7 @@ class QuantizationReport:
         lines.append("")
         lines.append(
             f"average weight bits {self.avg_weight_bits:.3f}, average input bits "
-            + ("n/a" if act is None else f"{act:.3f}")
+            + ("n/a (weight-only)" if self.weight_only else "n/a" if act is None else f"{act:.3f}")
             + f"; weights and other parameters {self.quantized_bytes / 1024:.1f} KiB against "
             f"{self.float32_bytes / 1024:.1f} KiB in float32 ({self.float32_bytes / max(self.quantized_bytes, 1):.1f}x smaller)"
         )
@@ -129,6 +141,11 @@ class QuantizationReport:
         return self.table()
 
 
+def ranges_label(row: LayerReport) -> str:
+    """``tensor``, or ``channel`` / ``group of 32`` with the count of ranges, for the tables."""
+    return row.granularity if row.weight_ranges == 1 else f"{row.granularity} ({row.weight_ranges})"
+
+
 def integer_model_report(model: nn.Module) -> QuantizationReport:
     """Report on a model whose quantized layers have been converted to integer layers."""
     rows: list[LayerReport] = []
@@ -140,7 +157,9 @@ def integer_model_report(model: nn.Module) -> QuantizationReport:
                 kind=describe_layer(layer),
                 weight_bits=layer.weight_bits,
                 input_bits=layer.input_bits,
-                weight_alpha=float(layer.weight_scale) * num_levels(layer.weight_bits, True),
+                weight_alpha=float(layer.weight_scale.max()) * num_levels(layer.weight_bits, True),
+                granularity=granularity_name(layer.weight_granularity),
+                weight_ranges=layer.weight_scale.numel(),
                 input_alpha=None if layer.input_bits is None else float(layer.input_alpha),
                 params=layer.weight_codes.numel() + bias,
                 weight_numel=layer.weight_codes.numel(),

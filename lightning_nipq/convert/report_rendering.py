@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from lightning_nipq.convert.report import QuantizationReport
+from lightning_nipq.convert.report import QuantizationReport, ranges_label
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -79,6 +79,7 @@ def rich_report_table(report: QuantizationReport) -> Table:
     table.add_column("layer", footer="average / total", no_wrap=True)
     table.add_column("kind")
     table.add_column("w bits", justify="right", footer=f"{report.avg_weight_bits:.2f}")
+    table.add_column("w ranges")
     table.add_column("in bits", justify="right", footer="n/a" if act is None else f"{act:.2f}")
     table.add_column("w alpha", justify="right")
     table.add_column("in alpha", justify="right")
@@ -91,6 +92,7 @@ def rich_report_table(report: QuantizationReport) -> Table:
             r.name,
             r.kind,
             Text(str(r.weight_bits), style=_bits_style(r.weight_bits)),
+            ranges_label(r),
             input_bits,
             f"{r.weight_alpha:.4g}",
             "-" if r.input_alpha is None else f"{r.input_alpha:.4g}",

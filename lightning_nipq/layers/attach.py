@@ -29,6 +29,7 @@ def attach_quantizers(
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
     float_input_layers: Optional[Sequence[str]] = None,
+    quantize_inputs: bool = True,
 ) -> AttachResult:
     """Quantize the weight and input of every supported layer of ``model``, in place.
 
@@ -40,9 +41,21 @@ def attach_quantizers(
 
     ``float_input_layers`` names the layers whose input stays float; by default the first
     supported layer in registration order, which takes the raw model input in most models.
+    ``quantize_inputs=False`` quantizes weights only: no layer gets an input quantizer.
+
+    Every layer's ranges are sized (``config.weight_granularity``) before any layer changes:
+    a granularity that does not fit some layer raises a `ValueError` naming it, with the model
+    untouched.
     """
     config = config or NIPQConfig()
     float_input_layers = check_patterns("float_input_layers", float_input_layers)
+    if not isinstance(quantize_inputs, bool):
+        raise ValueError(f"quantize_inputs must be True or False, got {quantize_inputs!r}")
+    if not quantize_inputs and float_input_layers is not None:
+        raise ValueError(
+            "float_input_layers names layers whose input stays float, but quantize_inputs=False already leaves every "
+            "input float; pass one or the other"
+        )
     targets, skipped = plan_layers(model, include, exclude)
     if not targets:
         supported = supported_names()
@@ -52,7 +65,16 @@ def attach_quantizers(
             + (f"; left out: {detail}" if detail else "")
             + ". Check include/exclude or add supported layers."
         )
-    if float_input_layers is None:
+    for name, layer in targets:
+        kind = kind_of(layer)
+        assert kind is not None  # plan_layers returns quantizable layers only
+        try:
+            kind.range_shape(kind.weight_shape(layer), config.weight_granularity)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r} ({kind.name}): {e}") from None
+    if not quantize_inputs:
+        float_inputs = {name for name, _ in targets}
+    elif float_input_layers is None:
         float_inputs = {targets[0][0]}
     else:
         float_inputs = set(float_input_layers)

@@ -35,6 +35,14 @@ from torch import Tensor, nn
 from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 from lightning_nipq.quant.codes import check_bit_width, code_dtype, num_levels
 from lightning_nipq.quant.fake_quant import integer_codes
+from lightning_nipq.quant.granularity import (
+    Granularity,
+    RangeShape,
+    check_granularity,
+    grouped_view,
+    is_group_size,
+    range_shape_for,
+)
 from lightning_nipq.quant.methods import QuantizerFactory, quantizer_from_state
 
 FLOAT32_EXACT_LIMIT = 2**24
@@ -115,18 +123,30 @@ class IntegerLayerMixin:
     """
 
     weight_codes: Tensor
-    weight_scale: Tensor
+    weight_scale: Tensor  # one step per range: shape () per tensor, the range shape otherwise
     input_alpha: Tensor
     bias: Optional[Tensor]
     weight_bits: int
     input_bits: Optional[int]
     input_signed: bool
     input_numel: int  # elements of the input in the calibration batch, its weight in average bits
+    weight_granularity: Granularity
 
     @property
     def weight(self) -> Tensor:
         """The dequantized weight (codes times scale), for code that reads ``layer.weight``."""
-        return self.weight_codes.float() * self.weight_scale
+        return self.dequantized_weight(torch.float32)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        """Codes times their range's step, in ``dtype``, shaped as the float weight."""
+        codes = grouped_view(self.weight_codes.to(dtype), self.weight_granularity)
+        return (codes * self.weight_scale.to(dtype)).reshape(self.weight_codes.shape)
+
+    def accumulation_size(self) -> int:
+        """Products summed before a rescale: the layer's reduction, or one group's inputs."""
+        if is_group_size(self.weight_granularity):
+            return int(self.weight_granularity)
+        return self.reduction_size()  # type: ignore[attr-defined]
 
     @property
     def float_input(self) -> bool:
@@ -137,7 +157,7 @@ class IntegerLayerMixin:
         if self.input_bits is None:
             return torch.float32  # float input: not integer arithmetic, see ``float_input``
         # Python integers: no tensor, so no host sync and no graph break under torch.compile.
-        bound = self.reduction_size() * num_levels(self.input_bits, self.input_signed) * num_levels(self.weight_bits, True)
+        bound = self.accumulation_size() * num_levels(self.input_bits, self.input_signed) * num_levels(self.weight_bits, True)
         if bound >= FLOAT64_EXACT_LIMIT:
             raise ValueError(f"integer accumulation bound {bound} exceeds float64's exact range")
         if device.type == "cpu" and bound < FLOAT32_EXACT_LIMIT:
@@ -153,17 +173,28 @@ class IntegerLayerMixin:
         out_dtype = input.dtype if input.is_floating_point() else torch.float32
         dtype = self.accumulator_dtype(input.device)
         if self.input_bits is None:
-            codes_in = input.to(dtype)
-            scale = self.weight_scale
+            # Weight-only or float-input layer: float input times the dequantized weight.
+            output = self.apply_weight(input.to(dtype), self.dequantized_weight(dtype), None)  # type: ignore[attr-defined]
         else:
             bits = torch.tensor(float(self.input_bits), device=input.device)
             codes_in = integer_codes(input.float(), self.input_alpha, bits, self.input_signed).to(dtype)
-            scale = self.input_scale() * self.weight_scale
-        accumulated = self.apply_weight(codes_in, self.weight_codes.to(dtype), None)
-        output = accumulated * scale.to(dtype)
+            input_scale = self.input_scale().to(dtype)
+            codes_w = self.weight_codes.to(dtype)
+            if is_group_size(self.weight_granularity):
+                # One exact integer sum per group, each rescaled by its own step.
+                output = self.apply_weight_groups(codes_in, codes_w, self.weight_scale.to(dtype)) * input_scale  # type: ignore[attr-defined]
+            else:
+                accumulated = self.apply_weight(codes_in, codes_w, None)  # type: ignore[attr-defined]
+                output = accumulated * (input_scale * self.output_scale().to(dtype))
         if self.bias is not None:
-            output = output + self.per_output_channel(self.bias.to(dtype))
+            output = output + self.per_output_channel(self.bias.to(dtype))  # type: ignore[attr-defined]
         return output.to(out_dtype)
+
+    def output_scale(self) -> Tensor:
+        """The weight step shaped to broadcast against the output (a scalar per tensor, a vector per channel)."""
+        if self.weight_scale.dim() == 0:
+            return self.weight_scale
+        return self.per_output_channel(self.weight_scale.reshape(-1))  # type: ignore[attr-defined]
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -171,10 +202,17 @@ class IntegerLayerMixin:
             "input_bits": self.input_bits,
             "input_signed": self.input_signed,
             "input_numel": self.input_numel,
+            "weight_granularity": self.weight_granularity,
         }
 
     def set_extra_state(self, state: Any) -> None:
-        self.weight_bits, self.input_bits, self.input_signed, self.input_numel = check_integer_state(state)
+        (
+            self.weight_bits,
+            self.input_bits,
+            self.input_signed,
+            self.input_numel,
+            self.weight_granularity,
+        ) = check_integer_state(state)
 
     def _load_from_state_dict(
         self,
@@ -189,7 +227,7 @@ class IntegerLayerMixin:
         # torch copies the buffers before it sets the extra state: check both first, so an
         # invalid state never half-loads and no forward ever sees it.
         try:
-            settings = check_saved_integer_layer(state_dict, prefix, self.get_extra_state())
+            settings = check_saved_integer_layer(state_dict, prefix, self.get_extra_state(), getattr(type(self), "layer_kind", None))
         except ValueError as e:
             raise ValueError(f"{e}. {DAMAGED_STATE_FIX}") from e
         # torch copies into the buffer as it is: codes of another width would wrap (int16
@@ -202,8 +240,13 @@ class IntegerLayerMixin:
         )
 
 
-def check_integer_state(state: Any, where: str = "") -> tuple[int, Optional[int], bool, int]:
-    """``(weight_bits, input_bits, input_signed, input_numel)`` of an integer layer's saved state, checked.
+IntegerSettings = tuple[int, Optional[int], bool, int, Granularity]
+
+
+def check_integer_state(state: Any, where: str = "") -> IntegerSettings:
+    """``(weight_bits, input_bits, input_signed, input_numel, weight_granularity)`` of an integer layer's saved state, checked.
+
+    A state without ``weight_granularity`` (written before there was a choice) is per tensor.
 
     The one check of these settings, wherever they are read from (``where`` prefixes the
     names in messages: ``"layers[3]."`` for the artifact).
@@ -224,7 +267,8 @@ def check_integer_state(state: Any, where: str = "") -> tuple[int, Optional[int]
     # An element count, so within what torch counts in (int64).
     if isinstance(input_numel, bool) or not isinstance(input_numel, int) or not 0 <= input_numel < 2**63:
         raise ValueError(f"{where}input_numel must be a whole number in [0, 2**63), got {input_numel!r}")
-    return weight_bits, input_bits, input_signed, input_numel
+    granularity = check_granularity(f"{where}weight_granularity", state.get("weight_granularity", "tensor"))
+    return weight_bits, input_bits, input_signed, input_numel, granularity
 
 
 def check_codes(codes: Tensor, bits: int, name: str) -> None:
@@ -237,15 +281,19 @@ def check_codes(codes: Tensor, bits: int, name: str) -> None:
 
 
 def check_saved_integer_layer(
-    state_dict: Mapping[str, Any], prefix: str, current: Optional[Mapping[str, Any]] = None
-) -> tuple[int, Optional[int], bool, int]:
+    state_dict: Mapping[str, Any],
+    prefix: str,
+    current: Optional[Mapping[str, Any]] = None,
+    kind: Optional["LayerKind"] = None,
+) -> IntegerSettings:
     """`check_integer_state` of the integer layer saved under ``prefix`` (``"<layer>."``), and its buffers checked against it.
 
     The settings come from ``prefix + "_extra_state"``, or ``current`` (the layer's own) where
     the state dict has none. Saved buffers must hold what the integer maths needs: integer
-    ``weight_codes`` within the ``±n`` of ``weight_bits``, a finite positive ``weight_scale``,
-    and a finite ``input_alpha``, positive where the input is quantized. Absent buffers are
-    the strict load's to report.
+    ``weight_codes`` within the ``±n`` of ``weight_bits``, a finite positive ``weight_scale``
+    of the range shape the granularity gives the codes (when ``kind`` is known), and a finite
+    scalar ``input_alpha``, positive where the input is quantized. Absent buffers are the
+    strict load's to report.
 
     Raises:
         ValueError: naming the key and the problem.
@@ -255,7 +303,7 @@ def check_saved_integer_layer(
         settings = check_integer_state(state_dict[key] if key in state_dict or current is None else current)
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from e
-    weight_bits, input_bits, _, _ = settings
+    weight_bits, input_bits, _, _, granularity = settings
     tensors = {name: state_dict[prefix + name] for name in INTEGER_STATE_KEYS[:3] if prefix + name in state_dict}
     for name, value in tensors.items():
         if not isinstance(value, Tensor):
@@ -263,17 +311,36 @@ def check_saved_integer_layer(
     codes = tensors.get("weight_codes")
     if codes is not None:
         check_codes(codes, weight_bits, f"{prefix}weight_codes")
-    for name, positive in (("weight_scale", True), ("input_alpha", input_bits is not None)):
-        value = tensors.get(name)
-        if value is None:
-            continue
-        if not value.is_floating_point() or value.dim() != 0:
-            raise ValueError(f"{prefix}{name} must be a float scalar (shape ()), got a {value.dtype} tensor of shape {tuple(value.shape)}")
-        number = float(value)
-        if not math.isfinite(number) or number < 0 or (positive and number == 0):
-            need = "finite and positive" if positive else "finite and >= 0"
-            raise ValueError(f"{prefix}{name} is {number}; it must be {need}")
+    scale = tensors.get("weight_scale")
+    if scale is not None:
+        expected: Optional[RangeShape] = None
+        if codes is not None and kind is not None:
+            try:
+                expected = kind.range_shape(tuple(codes.shape), granularity)
+            except ValueError as e:
+                raise ValueError(f"{prefix}weight_granularity: {e}") from e
+        elif granularity == "tensor":
+            expected = ()
+        check_steps(scale, f"{prefix}weight_scale", expected, positive=True)
+    alpha = tensors.get("input_alpha")
+    if alpha is not None:
+        check_steps(alpha, f"{prefix}input_alpha", (), positive=input_bits is not None)
     return settings
+
+
+def check_steps(value: Tensor, name: str, shape: Optional[RangeShape], positive: bool) -> None:
+    """Raise a `ValueError` naming ``name`` unless ``value`` is a float tensor of ``shape`` (any, if None) with finite values > 0 (``>= 0`` unless ``positive``)."""
+    if not value.is_floating_point() or (shape is not None and tuple(value.shape) != tuple(shape)):
+        want = "a float scalar (shape ())" if shape == () else f"a float tensor of shape {shape}" if shape else "a float tensor"
+        raise ValueError(f"{name} must be {want}, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    low = float(value.min())
+    high = float(value.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or (positive and low == 0):
+        need = "finite and positive" if positive else "finite and >= 0"
+        shown = f"{low}" if value.numel() == 1 else f"between {low} and {high}"
+        raise ValueError(f"{name} is {shown}; it must be {need}")
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -301,6 +368,15 @@ class LayerKind:
     float_type: type[nn.Module]
     fake_quantized: type[nn.Module]
     integer: type[nn.Module]
+    #: The weight's output-channel axis (per-channel ranges vary along it).
+    output_axis: int = 0
+    #: Whether the weight is ``(outputs, inputs)``, so that ranges per group of inputs fit it.
+    groupable: bool = False
+
+    def __post_init__(self) -> None:
+        # Each form knows its kind, so a layer can check its own saved state (the range shapes).
+        for form in (self.fake_quantized, self.integer):
+            form.layer_kind = self  # type: ignore[attr-defined]
 
     @property
     def name(self) -> str:
@@ -317,10 +393,19 @@ class LayerKind:
             return tuple(layer.weight_codes.shape)
         return tuple(layer.weight.shape)
 
+    def range_shape(self, weight_shape: tuple[int, ...], granularity: Granularity) -> RangeShape:
+        """The shape of the weight's ranges at ``granularity`` (see `lightning_nipq.quant.granularity`).
+
+        Raises:
+            ValueError: this kind cannot have that granularity, or a group size does not divide its inputs.
+        """
+        return range_shape_for(weight_shape, granularity, self.output_axis, self.groupable)
+
     # ------------------------------------------------------------------ float -> fake-quantized
     def quantize(self, layer: nn.Module, config: QuantizerFactory, float_input: bool = False) -> None:
         """Give a float layer quantizers built by ``config`` (none on its input with ``float_input``)."""
-        weight_quantizer = config.weight_quantizer(layer.weight)
+        shape = self.range_shape(tuple(layer.weight.shape), config.weight_granularity)
+        weight_quantizer = config.weight_quantizer(layer.weight, shape)
         weight_quantizer.size = layer.weight.numel()
         self.install_quantizers(layer, weight_quantizer, None if float_input else config.input_quantizer())
 
@@ -348,8 +433,9 @@ class LayerKind:
         with torch.no_grad():
             w_bits = torch.tensor(float(wq.rounded_bits()), device=layer.weight.device)
             w_alpha = wq.alpha.detach().float()
-            codes = integer_codes(layer.weight.detach().float(), w_alpha, w_bits, signed=True)
-            scale = (w_alpha / num_levels(w_bits, True)).detach()
+            weight = layer.weight.detach().float()
+            codes = integer_codes(grouped_view(weight, wq.granularity), w_alpha, w_bits, signed=True).reshape(weight.shape)
+            scale = (w_alpha / num_levels(w_bits, True)).detach().clone()
             iq = layer.input_quantizer
             if iq is not None and iq.calibrated:
                 input_bits: Optional[int] = iq.rounded_bits()
@@ -362,7 +448,9 @@ class LayerKind:
         del layer.input_quantizer
         del layer.weight
         layer.__class__ = self.integer
-        self._set_integer_state(layer, codes.to(code_dtype(weight_bits)), scale, input_alpha, weight_bits, input_bits, input_signed, input_numel)
+        self._set_integer_state(
+            layer, codes.to(code_dtype(weight_bits)), scale, input_alpha, weight_bits, input_bits, input_signed, input_numel, wq.granularity
+        )
 
     # ------------------------------------------------------------------ float -> integer
     def integer_from_codes(
@@ -375,34 +463,46 @@ class LayerKind:
         input_bits: Optional[int],
         input_signed: bool,
         input_numel: int,
+        weight_granularity: Granularity = "tensor",
     ) -> None:
         """Turn a plain float layer into its integer form from stored codes and scales, in place.
 
         For loading a saved integer model: ``weight_codes`` (signed codes in ``[-n, n]``,
-        ``n = 2**(weight_bits - 1) - 1``) replace the float weight. Everything is checked
+        ``n = 2**(weight_bits - 1) - 1``) replace the float weight, and ``weight_scale`` holds
+        one step per range of ``weight_granularity`` (`range_shape`). Everything is checked
         before the layer is touched.
         """
         if type(layer) is not self.float_type:
             raise TypeError(f"{type(layer).__name__} is not a plain {self.name}")
-        weight_bits, input_bits, input_signed, input_numel = check_integer_state(
-            {"weight_bits": weight_bits, "input_bits": input_bits, "input_signed": input_signed, "input_numel": input_numel}
+        weight_bits, input_bits, input_signed, input_numel, weight_granularity = check_integer_state(
+            {
+                "weight_bits": weight_bits,
+                "input_bits": input_bits,
+                "input_signed": input_signed,
+                "input_numel": input_numel,
+                "weight_granularity": weight_granularity,
+            }
         )
         weight = layer.weight
         if tuple(weight_codes.shape) != tuple(weight.shape):
             raise ValueError(f"weight codes of shape {tuple(weight_codes.shape)} do not fit a weight of shape {tuple(weight.shape)}")
         check_codes(weight_codes, weight_bits, "weight codes")
+        shape = self.range_shape(tuple(weight.shape), weight_granularity)
+        if weight_scale.numel() != math.prod(shape):
+            raise ValueError(f"{weight_scale.numel()} weight scales do not fit ranges of shape {shape}")
         device = weight.device
         del layer.weight
         layer.__class__ = self.integer
         self._set_integer_state(
             layer,
             weight_codes.to(device=device, dtype=code_dtype(weight_bits)),
-            weight_scale.detach().to(device=device, dtype=torch.float32).reshape(()),
+            weight_scale.detach().to(device=device, dtype=torch.float32).reshape(shape).clone(),
             input_alpha.detach().to(device=device, dtype=torch.float32).reshape(()),
             weight_bits,
             input_bits,
             input_signed,
             input_numel,
+            weight_granularity,
         )
 
     @staticmethod
@@ -415,6 +515,7 @@ class LayerKind:
         input_bits: Optional[int],
         input_signed: bool,
         input_numel: int,
+        weight_granularity: Granularity,
     ) -> None:
         layer.register_buffer("weight_codes", codes)
         layer.register_buffer("weight_scale", scale)
@@ -423,6 +524,7 @@ class LayerKind:
         layer.input_bits = input_bits
         layer.input_signed = input_signed
         layer.input_numel = input_numel
+        layer.weight_granularity = weight_granularity
 
     # ------------------------------------------------------------------ any form -> float
     def to_float(self, layer: nn.Module) -> None:

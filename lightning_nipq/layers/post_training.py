@@ -20,7 +20,8 @@ from lightning_nipq.layers.model_calls import InputFn, call_model
 from lightning_nipq.layers.model_walk import quantized_layers
 from lightning_nipq.quant.lsq_quantizer import LSQConfig
 from lightning_nipq.quant.observers import RangeObserver
-from lightning_nipq.quant.range_search import check_range_method, choose_alpha
+from lightning_nipq.quant.granularity import Granularity
+from lightning_nipq.quant.range_search import check_range_method, weight_ranges
 
 
 def post_training_quantize(
@@ -35,6 +36,8 @@ def post_training_quantize(
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
     float_input_layers: Optional[Sequence[str]] = None,
+    weight_granularity: Granularity = "tensor",
+    quantize_inputs: bool = True,
 ) -> AttachResult:
     """Quantize ``model`` in place without training: fixed bits, ranges from the weights and ``calibration_batches``.
 
@@ -60,6 +63,10 @@ def post_training_quantize(
         include: shell-style module-name patterns to quantize (default: all supported layers).
         exclude: module-name patterns to leave in float.
         float_input_layers: layers whose input stays float (default: the first supported layer).
+        weight_granularity: ``"channel"``, ``"tensor"`` or a group size: the ranges of each
+            weight, each searched by ``method`` on its own elements.
+        quantize_inputs: ``False`` quantizes weights only (no input quantizers, and
+            ``calibration_batches`` are not run).
 
     Returns:
         What was quantized and what was left in float.
@@ -75,12 +82,15 @@ def post_training_quantize(
         ```
     """
     check_range_method(method, percentile)
-    config = LSQConfig(weight_bits=weight_bits, act_bits=act_bits)
-    result = attach_quantizers(model, config, include, exclude, float_input_layers)
+    config = LSQConfig(weight_bits=weight_bits, act_bits=act_bits, weight_granularity=weight_granularity)
+    result = attach_quantizers(model, config, include, exclude, float_input_layers, quantize_inputs)
     with torch.no_grad():
         for _, layer in quantized_layers(model):
-            alpha = choose_alpha(layer.weight, weight_bits, signed=True, method=method, percentile=percentile)
-            layer.weight_quantizer.set_range(alpha, signed=True)
+            quantizer = layer.weight_quantizer
+            alpha = weight_ranges(layer.weight, quantizer.granularity, quantizer.range_shape, weight_bits, method, percentile)
+            quantizer.set_range(alpha, signed=True)
+    if not quantize_inputs:
+        return result
     observer = RangeObserver(method, percentile)
     run = forward if forward is not None else (lambda batch: call_model(model, batch, input_fn))
     observe_inputs(model, calibration_batches, run, observer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -26,6 +27,17 @@ class _LinearMaths:
 
     def per_output_channel(self, values: Tensor) -> Tensor:
         return values  # the output channel is the last dimension
+
+    def apply_weight_groups(self, input: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
+        """``input @ (codes * scale).T`` as one exact sum per group of inputs, each rescaled by its step.
+
+        ``codes`` is ``(C_out, K)`` and ``scale`` ``(C_out, K / g, 1)``; the partial sums are
+        products of integers, exact in the accumulator's type.
+        """
+        outputs, groups = scale.shape[0], scale.shape[1]
+        grouped = input.reshape(*input.shape[:-1], groups, -1)
+        partial = torch.einsum("...gk,cgk->...gc", grouped, codes.reshape(outputs, groups, -1))
+        return (partial * scale.reshape(outputs, groups).transpose(0, 1)).sum(dim=-2)
 
 
 class _ConvMaths:
@@ -76,7 +88,7 @@ class IntegerConv3d(IntegerLayerMixin, _ConvMaths, nn.Conv3d):
 
 
 TORCH_LAYER_KINDS: tuple[LayerKind, ...] = (
-    LayerKind(nn.Linear, QuantizedLinear, IntegerLinear),
+    LayerKind(nn.Linear, QuantizedLinear, IntegerLinear, groupable=True),
     LayerKind(nn.Conv1d, QuantizedConv1d, IntegerConv1d),
     LayerKind(nn.Conv2d, QuantizedConv2d, IntegerConv2d),
     LayerKind(nn.Conv3d, QuantizedConv3d, IntegerConv3d),

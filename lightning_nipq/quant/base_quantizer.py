@@ -17,13 +17,19 @@ the method's name, so a loader rebuilds exactly the quantizer that was saved
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Optional
+import math
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, num_levels
 from lightning_nipq.quant.fake_quant import round_ste
+from lightning_nipq.quant.granularity import check_granularity, check_range_shape, granularity_name, grouped_view
+
+#: The settings every quantizer has besides its method's: how many ranges it keeps (see
+#: `lightning_nipq.quant.granularity`). A saved state without them is per tensor.
+LAYOUT_KEYS: tuple[str, ...] = ("granularity", "range_shape")
 
 
 @torch.compiler.disable
@@ -89,7 +95,7 @@ class BaseQuantizer(nn.Module):
     # ------------------------------------------------------------------ configuration
     def config(self) -> dict[str, Any]:
         """The settings that define this quantizer: its constructor arguments, less the starting values."""
-        return {key: getattr(self, key) for key in self.config_keys}
+        return {key: getattr(self, key) for key in (*self.config_keys, *LAYOUT_KEYS)}
 
     #: The names of the settings `config` returns; each is an attribute of the quantizer.
     config_keys: ClassVar[tuple[str, ...]] = ("signed", "min_bits", "max_bits")
@@ -101,9 +107,16 @@ class BaseQuantizer(nn.Module):
         The one check of every setting: the constructor, `configure` and loading a saved
         state all pass through it. Methods extend it for their own settings.
         """
-        if not isinstance(config, Mapping) or set(config) != set(cls.config_keys):
+        required = set(cls.config_keys)
+        if not isinstance(config, Mapping) or not required <= set(config) <= required | set(LAYOUT_KEYS):
             got = sorted(config) if isinstance(config, Mapping) else type(config).__name__
-            raise ValueError(f"a {cls.kind or cls.__name__} quantizer's settings are {sorted(cls.config_keys)}, got {got}")
+            raise ValueError(
+                f"a {cls.kind or cls.__name__} quantizer's settings are {sorted(cls.config_keys)} "
+                f"(and optionally {list(LAYOUT_KEYS)}), got {got}"
+            )
+        config = dict(config)
+        config["granularity"] = check_granularity("granularity", config.get("granularity", "tensor"))
+        config["range_shape"] = check_range_shape(config["granularity"], config.get("range_shape", ()))
         if not isinstance(config["signed"], bool):
             raise ValueError(f"signed must be True or False, got {config['signed']!r}")
         if "min_bits" in config:
@@ -116,12 +129,30 @@ class BaseQuantizer(nn.Module):
         return config["min_bits"], config["max_bits"]
 
     def _apply_config(self, config: Mapping[str, Any]) -> None:
-        for key in self.config_keys:
+        for key in (*self.config_keys, *LAYOUT_KEYS):
             setattr(self, key, config[key])
 
+    def _check_layout_unchanged(self, config: Mapping[str, Any]) -> None:
+        # The range parameters have the range shape: it is fixed when the quantizer is built.
+        if "range_shape" in self.__dict__ and (config["granularity"], config["range_shape"]) != (
+            self.granularity,
+            self.range_shape,
+        ):
+            raise ValueError(
+                f"a quantizer's granularity is fixed when it is built: this one is {granularity_name(self.granularity)} "
+                f"with ranges {self.range_shape}, not {granularity_name(config['granularity'])} with {config['range_shape']}"
+            )
+
     def configure(self, **settings: Any) -> None:
-        """Change some settings (checked as the constructor checks them), keeping the others."""
-        self._apply_config(self.check_config({**self.config(), **settings}))
+        """Change some settings (checked as the constructor checks them), keeping the others; not the granularity."""
+        config = self.check_config({**self.config(), **settings})
+        self._check_layout_unchanged(config)
+        self._apply_config(config)
+
+    @property
+    def ranges(self) -> int:
+        """How many ranges this quantizer keeps (1 per tensor; the channels or groups otherwise)."""
+        return math.prod(self.range_shape)
 
     # ------------------------------------------------------------------ for subclasses
     @property
@@ -133,8 +164,8 @@ class BaseQuantizer(nn.Module):
         """The bit-width before rounding (the frozen value once frozen)."""
         raise NotImplementedError
 
-    def set_range(self, alpha: float, signed: bool) -> None:
-        """Set the truncation and signedness (what calibration does) and start quantizing."""
+    def set_range(self, alpha: Union[float, Tensor], signed: bool) -> None:
+        """Set the truncation (a number, or a tensor of ``range_shape``) and signedness, and start quantizing."""
         raise NotImplementedError
 
     def _quantize(self, x: Tensor) -> Tensor:
@@ -218,7 +249,7 @@ class BaseQuantizer(nn.Module):
             # range is still being measured.
             return x + self._parameters_in_use().to(x.dtype) * 0.0
         # Rounding needs float32: in bf16 a 4-bit grid is already coarser than the data.
-        return self._quantize(x.float()).to(x.dtype)
+        return self._quantize(grouped_view(x.float(), self.granularity)).reshape(x.shape).to(x.dtype)
 
     def flush_observations(self) -> None:
         """Give the observer the inputs that compiled code deferred (see ``deferred_observations``)."""
@@ -243,6 +274,7 @@ class BaseQuantizer(nn.Module):
 
     def set_extra_state(self, state: Any) -> None:
         config, rest = self.check_state(state)
+        self._check_layout_unchanged(config)
         self._apply_config(config)
         self.frozen_bits, self.calibrated, self.size, self.macs = rest
 
@@ -357,3 +389,21 @@ class BaseQuantizer(nn.Module):
 def shown_value(value: Tensor) -> str:
     """A saved tensor for a message: the number itself when it is one."""
     return f"{float(value):g}" if value.numel() == 1 else f"a tensor of shape {tuple(value.shape)}"
+
+
+def shown_range(alpha: Tensor) -> str:
+    """A range for ``repr``: the number, or the span of per-channel or per-group ranges."""
+    alpha = alpha.detach()
+    if alpha.numel() == 1:
+        return f"{float(alpha):.4g}"
+    return f"{float(alpha.min()):.4g}..{float(alpha.max()):.4g} ({alpha.numel()} ranges)"
+
+
+def inverse_softplus(y: Union[float, Tensor]) -> Union[float, Tensor]:
+    """The ``x`` with ``softplus(x) == y`` (``y > 0``), for a number or elementwise for a tensor."""
+    if isinstance(y, Tensor):
+        y = y.double()
+        return torch.where(y > 20.0, y, torch.log(torch.expm1(y.clamp_max(20.0)))).float()
+    if y > 20.0:
+        return y
+    return math.log(math.expm1(y))

@@ -12,15 +12,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.quant.base_quantizer import BaseQuantizer, shown_value
+from lightning_nipq.quant.base_quantizer import BaseQuantizer, shown_range, shown_value
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, num_levels
 from lightning_nipq.quant.fake_quant import hard_fake_quant
-from lightning_nipq.quant.range_search import usable_weight_range
+from lightning_nipq.quant.granularity import Granularity, RangeShape, check_granularity, granularity_name, grouped_view, range_rows
+from lightning_nipq.quant.range_search import usable_weight_ranges
 
 
 def scale_grad(x: Tensor, scale: float) -> Tensor:
@@ -39,10 +40,14 @@ def lsq_init_alpha(x: Tensor, bits: int, signed: bool) -> float:
     Capped at ``max|x|``: a range past the largest value only wastes levels (at 8 bits the
     paper's rule gives several times ``max|x|``).
     """
-    magnitude = x.detach().abs().float()
-    qp = num_levels(bits, signed)
-    alpha = 2.0 * float(magnitude.mean()) * math.sqrt(qp)
-    return max(min(alpha, float(magnitude.max())), 1e-8)
+    return float(lsq_init_ranges(x.detach().reshape(1, -1), bits, signed)[0])
+
+
+def lsq_init_ranges(rows: Tensor, bits: int, signed: bool) -> Tensor:
+    """`lsq_init_alpha` of each row of ``rows`` (one row per range)."""
+    magnitude = rows.detach().abs().float()
+    alpha = 2.0 * magnitude.mean(dim=1) * math.sqrt(num_levels(bits, signed))
+    return torch.minimum(alpha, magnitude.amax(dim=1)).clamp_min(1e-8)
 
 
 class LSQQuantizer(BaseQuantizer):
@@ -64,6 +69,11 @@ class LSQQuantizer(BaseQuantizer):
             rather than of the whole tensor (weights).
         calibrated: ``False`` makes the quantizer pass its input through (and record it with
             an attached observer) until `set_range` is called.
+        granularity: ``"tensor"``, ``"channel"`` or a group size (see
+            `lightning_nipq.quant.granularity`).
+        range_shape: the shape of the step (one per channel or group), broadcast against the
+            input; ``init_alpha`` may be a tensor of this shape. The gradient scale then counts
+            the elements of one range: ``g = 1 / sqrt(numel / ranges * Qp)``.
 
     Example:
 
@@ -83,14 +93,18 @@ class LSQQuantizer(BaseQuantizer):
         self,
         bits: int = 4,
         signed: bool = True,
-        init_alpha: float = 1.0,
+        init_alpha: Union[float, Tensor] = 1.0,
         per_sample: bool = False,
         calibrated: bool = True,
+        granularity: Granularity = "tensor",
+        range_shape: RangeShape = (),
     ) -> None:
-        super().__init__({"bits": bits, "signed": signed, "per_sample": per_sample}, calibrated=calibrated)
-        if not init_alpha > 0:
-            raise ValueError(f"init_alpha must be positive, got {init_alpha}")
-        self.step = nn.Parameter(torch.tensor(init_alpha / num_levels(bits, signed)))
+        config = {"bits": bits, "signed": signed, "per_sample": per_sample, "granularity": granularity, "range_shape": range_shape}
+        super().__init__(config, calibrated=calibrated)
+        alpha = torch.as_tensor(init_alpha, dtype=torch.float32).detach()
+        if not bool((alpha > 0).all()):
+            raise ValueError(f"init_alpha must be positive, got {shown_value(alpha)}")
+        self.step = nn.Parameter((alpha / num_levels(bits, signed)).expand(self.range_shape).clone())
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -106,13 +120,21 @@ class LSQQuantizer(BaseQuantizer):
         return config["bits"], config["bits"]
 
     def config(self) -> dict[str, Any]:
-        return {"bits": self.max_bits, "signed": self.signed, "per_sample": self.per_sample}
+        return {
+            "bits": self.max_bits,
+            "signed": self.signed,
+            "per_sample": self.per_sample,
+            "granularity": self.granularity,
+            "range_shape": self.range_shape,
+        }
 
     def _apply_config(self, config: Mapping[str, Any]) -> None:
         # The bit-width is fixed: it is the frozen bits and both ends of the range.
         self.min_bits = self.max_bits = self.frozen_bits = config["bits"]
         self.signed = config["signed"]
         self.per_sample = config["per_sample"]
+        self.granularity = config["granularity"]
+        self.range_shape = config["range_shape"]
 
     @classmethod
     def _check_saved_range(cls, values: Mapping[str, Tensor], config: Mapping[str, Any]) -> Optional[str]:
@@ -140,20 +162,21 @@ class LSQQuantizer(BaseQuantizer):
     def continuous_bits(self) -> Tensor:
         return self.step.detach() * 0.0 + float(self.max_bits)
 
-    def set_range(self, alpha: float, signed: bool) -> None:
+    def set_range(self, alpha: Union[float, Tensor], signed: bool) -> None:
         """Set the range (``s = alpha / Qp``) and signedness, and start quantizing."""
         if signed and self.max_bits < MIN_SIGNED_BITS:
             raise ValueError(
                 f"a signed input needs at least {MIN_SIGNED_BITS} bits (symmetric 1-bit codes hold only zero); "
                 f"this quantizer has {self.max_bits}"
             )
+        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=self.step.device).clamp_min(1e-8)
         self.signed = bool(signed)
-        self.step.data.fill_(max(float(alpha), 1e-8) / self.qp)
+        self.step.data.copy_((alpha / self.qp).expand(self.range_shape))
         self.calibrated = True
 
     def gradient_scale(self, x: Tensor) -> float:
-        """LSQ's ``g = 1 / sqrt(numel * Qp)`` for the input ``x``."""
-        numel = x.numel() // x.shape[0] if self.per_sample and x.dim() > 1 else x.numel()
+        """LSQ's ``g = 1 / sqrt(numel * Qp)`` for the input ``x``, ``numel`` counting the elements of one range."""
+        numel = x.numel() // x.shape[0] if self.per_sample and x.dim() > 1 else x.numel() // max(self.ranges, 1)
         return 1.0 / math.sqrt(max(numel, 1) * self.qp)
 
     # ------------------------------------------------------------------ forward
@@ -170,7 +193,7 @@ class LSQQuantizer(BaseQuantizer):
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
-        return f"{kind}, bits={self.max_bits}, step={self.step.abs().item():.4g}, per_sample={self.per_sample}"
+        return f"{kind}, bits={self.max_bits}, step={shown_range(self.step.abs())}, per_sample={self.per_sample}"
 
 
 @dataclass
@@ -184,6 +207,9 @@ class LSQConfig:
     Args:
         weight_bits: bits of every weight (at least 2: weights are signed).
         act_bits: bits of every quantized input; defaults to ``weight_bits``.
+        weight_granularity: ``"tensor"``, ``"channel"`` or a group size: one step per weight,
+            per output channel, or per group of that many inputs (see
+            `lightning_nipq.quant.granularity`).
     """
 
     #: The quantizer method this config builds.
@@ -191,17 +217,26 @@ class LSQConfig:
 
     weight_bits: int = 4
     act_bits: Optional[int] = None
+    weight_granularity: Granularity = "tensor"
 
     def __post_init__(self) -> None:
         if self.act_bits is None:
             self.act_bits = self.weight_bits
         check_bit_width("weight_bits", self.weight_bits, signed=True)
         check_bit_width("act_bits", self.act_bits)
+        self.weight_granularity = check_granularity("weight_granularity", self.weight_granularity)
 
-    def weight_quantizer(self, weight: Tensor) -> LSQQuantizer:
-        """A quantizer for ``weight``, with LSQ's initial step."""
-        alpha = usable_weight_range(lsq_init_alpha(weight, self.weight_bits, signed=True), weight)
-        return LSQQuantizer(bits=self.weight_bits, signed=True, init_alpha=alpha)
+    def weight_quantizer(self, weight: Tensor, range_shape: RangeShape = ()) -> LSQQuantizer:
+        """A quantizer for ``weight`` with ranges of ``range_shape``, each with LSQ's initial step."""
+        rows = range_rows(grouped_view(weight.detach(), self.weight_granularity), range_shape)
+        alphas = usable_weight_ranges(lsq_init_ranges(rows, self.weight_bits, signed=True).reshape(range_shape), weight)
+        return LSQQuantizer(
+            bits=self.weight_bits,
+            signed=True,
+            init_alpha=alphas,
+            granularity=self.weight_granularity,
+            range_shape=range_shape,
+        )
 
     def input_quantizer(self) -> LSQQuantizer:
         """An uncalibrated input quantizer; calibration sets its range and sign."""
@@ -214,6 +249,11 @@ class LSQConfig:
         """How a quantizer already on the model differs from what this config builds, or None."""
         if not isinstance(quantizer, LSQQuantizer):
             return f"its {role} quantizer is a {quantizer.kind!r} quantizer, not an LSQ one"
+        if role == "weight" and quantizer.granularity != self.weight_granularity:
+            return (
+                f"its weight quantizer has {granularity_name(quantizer.granularity)} ranges, this configuration "
+                f"{granularity_name(self.weight_granularity)} ranges"
+            )
         bits = self.weight_bits if role == "weight" else self.act_bits
         if quantizer.max_bits != bits:
             return f"its {role} quantizer has {quantizer.max_bits} bits, this configuration {bits}"

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Optional, Protocol
 from torch import Tensor
 
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.granularity import Granularity, RangeShape
 from lightning_nipq.quant.lsq_quantizer import LSQQuantizer
 from lightning_nipq.quant.nipq_quantizer import NIPQQuantizer
 
@@ -20,8 +21,11 @@ class QuantizerFactory(Protocol):
     #: The method of the quantizers it builds (a key of `QUANTIZER_METHODS`).
     method: ClassVar[str]
 
-    def weight_quantizer(self, weight: Tensor) -> BaseQuantizer:
-        """A calibrated, signed quantizer whose initial range suits ``weight``."""
+    #: ``"tensor"``, ``"channel"`` or a group size: how many ranges each weight gets.
+    weight_granularity: Granularity
+
+    def weight_quantizer(self, weight: Tensor, range_shape: RangeShape = ()) -> BaseQuantizer:
+        """A calibrated, signed quantizer with ranges of ``range_shape`` (from the layer's kind) that suit ``weight``."""
         ...
 
     def input_quantizer(self) -> BaseQuantizer:

@@ -9,26 +9,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_nipq.quant.base_quantizer import BaseQuantizer, shown_value
+from lightning_nipq.quant.base_quantizer import BaseQuantizer, inverse_softplus, shown_range, shown_value
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width
 from lightning_nipq.quant.fake_quant import hard_fake_quant, noise_fake_quant
 from lightning_nipq.quant.noise import NOISE_KINDS, register_generator, sample_noise, sample_noise_compilable
-from lightning_nipq.quant.range_search import mse_alpha, usable_weight_range
+from lightning_nipq.quant.granularity import Granularity, RangeShape, check_granularity, granularity_name
+from lightning_nipq.quant.range_search import weight_ranges
 
 Mode = Literal["noise", "hard"]
-
-
-def inverse_softplus(y: float) -> float:
-    """The ``alpha_raw`` that gives ``softplus(alpha_raw) == y``."""
-    if y > 20.0:
-        return y
-    return math.log(math.expm1(y))
 
 
 class NIPQQuantizer(BaseQuantizer):
@@ -52,6 +46,12 @@ class NIPQQuantizer(BaseQuantizer):
         stochastic_bits: add ``U(-0.5, 0.5)`` to the continuous bits before rounding in the noise phase.
         calibrated: ``False`` makes the quantizer pass its input through (and record it with
             an attached observer) until `set_range` is called.
+        granularity: ``"tensor"``, ``"channel"`` or a group size (see
+            `lightning_nipq.quant.granularity`); the bits stay one per quantizer.
+        range_shape: the shape of the range (``alpha``), broadcast against the input: ``()``
+            per tensor, for example ``(C_out, 1, 1, 1)`` per channel of a Conv2d weight.
+            ``init_alpha`` may be a tensor of this shape. Each range learns on its own, and in the
+            noise phase each element's noise step is its own range's.
 
     Example:
 
@@ -72,19 +72,28 @@ class NIPQQuantizer(BaseQuantizer):
         max_bits: int = 8,
         init_bits: Optional[float] = None,
         fixed_bits: Optional[int] = None,
-        init_alpha: float = 1.0,
+        init_alpha: Union[float, Tensor] = 1.0,
         noise: str = "uniform",
         stochastic_bits: bool = True,
         calibrated: bool = True,
+        granularity: Union[str, int] = "tensor",
+        range_shape: tuple[int, ...] = (),
     ) -> None:
-        config = {"signed": signed, "min_bits": min_bits, "max_bits": max_bits, "noise": noise, "stochastic_bits": stochastic_bits}
+        config = {
+            "signed": signed,
+            "min_bits": min_bits,
+            "max_bits": max_bits,
+            "noise": noise,
+            "stochastic_bits": stochastic_bits,
+            "granularity": granularity,
+            "range_shape": range_shape,
+        }
         super().__init__(config, calibrated=calibrated)
-        if not init_alpha > 0:
-            raise ValueError(f"init_alpha must be positive, got {init_alpha}")
         if init_bits is None:
             init_bits = max_bits - 0.5 if max_bits > min_bits else float(max_bits)
         self.theta = nn.Parameter(torch.tensor(self._theta_for(init_bits)))
-        self.alpha_raw = nn.Parameter(torch.tensor(inverse_softplus(init_alpha)))
+        self.alpha_raw = nn.Parameter(torch.zeros(self.range_shape))
+        self._fill_range(init_alpha, "init_alpha")
         self.mode = "noise"
         if fixed_bits is not None:
             self.freeze_bits(fixed_bits)
@@ -193,9 +202,15 @@ class NIPQQuantizer(BaseQuantizer):
         assert self.frozen_bits is not None
         self.theta.data.fill_(self._theta_for(self.frozen_bits))
 
-    def set_range(self, alpha: float, signed: bool) -> None:
+    def _fill_range(self, alpha: Union[float, Tensor], name: str) -> None:
+        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=self.alpha_raw.device).detach()
+        if not bool((alpha > 0).all()):
+            raise ValueError(f"{name} must be positive, got {shown_value(alpha)}")
+        self.alpha_raw.data.copy_(inverse_softplus(alpha.clamp_min(1e-8)).expand(self.range_shape))
+
+    def set_range(self, alpha: Union[float, Tensor], signed: bool) -> None:
         """Set the truncation and signedness (what calibration does) and start quantizing."""
-        self.alpha_raw.data.fill_(inverse_softplus(max(float(alpha), 1e-8)))
+        self._fill_range(torch.as_tensor(alpha, dtype=torch.float32).clamp_min(1e-8), "alpha")
         self.signed = bool(signed)
         self.calibrated = True
 
@@ -227,7 +242,7 @@ class NIPQQuantizer(BaseQuantizer):
         bits = f"bits={self.frozen_bits} (frozen)" if self.frozen_bits is not None else (
             f"bits~{self.continuous_bits().item():.2f} in [{self.lowest_bits}, {self.max_bits}]"
         )
-        return f"{'signed' if self.signed else 'unsigned'}, {bits}, alpha={self.alpha.item():.4g}, mode={self.mode}"
+        return f"{'signed' if self.signed else 'unsigned'}, {bits}, alpha={shown_range(self.alpha)}, mode={self.mode}"
 
 
 #: Ways to start a weight's range (see `NIPQConfig`).
@@ -252,7 +267,10 @@ class NIPQConfig:
         stochastic_bits: add ``U(-0.5, 0.5)`` to the bits before rounding in the noise phase.
         weight_init: each weight's starting range: ``"max"`` (``max|W|``) or ``"mse"`` (the
             clipping minimising the rounding MSE at the starting bit-width: the fixed bits, else
-            the rounded initial bits).
+            the rounded initial bits), each range searched on its own elements.
+        weight_granularity: ``"tensor"``, ``"channel"`` or a group size: one learned range per
+            weight, per output channel, or per group of that many inputs of each output
+            channel (see `lightning_nipq.quant.granularity`). Bits stay one per layer.
     """
 
     #: The quantizer method this config builds.
@@ -266,8 +284,10 @@ class NIPQConfig:
     noise: str = "uniform"
     stochastic_bits: bool = True
     weight_init: str = "max"
+    weight_granularity: Granularity = "tensor"
 
     def __post_init__(self) -> None:
+        self.weight_granularity = check_granularity("weight_granularity", self.weight_granularity)
         if self.weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
         if self.weight_bits is not None:
@@ -296,7 +316,9 @@ class NIPQConfig:
         low, high = (fixed, fixed) if fixed is not None else (self.min_bits, self.max_bits)
         return {"signed": signed, "min_bits": low, "max_bits": high, "noise": self.noise, "stochastic_bits": self.stochastic_bits}
 
-    def _make(self, role: str, init_alpha: float, calibrated: bool, signed: bool) -> NIPQQuantizer:
+    def _make(
+        self, role: str, init_alpha: Union[float, Tensor], calibrated: bool, signed: bool, range_shape: RangeShape = ()
+    ) -> NIPQQuantizer:
         fixed = self.fixed_bits(role)
         return NIPQQuantizer(
             **self.quantizer_config(role, signed),
@@ -304,18 +326,19 @@ class NIPQConfig:
             fixed_bits=fixed,
             init_alpha=init_alpha,
             calibrated=calibrated,
+            granularity=self.weight_granularity if role == "weight" else "tensor",
+            range_shape=range_shape,
         )
 
-    def weight_quantizer(self, weight: Tensor) -> NIPQQuantizer:
-        """A quantizer for ``weight``, its range started by ``weight_init``."""
-        init_alpha = float(weight.detach().abs().max().clamp_min(1e-8))
-        if self.weight_init == "mse":
-            bits = self.weight_bits
-            if bits is None:
-                start = self.init_bits if self.init_bits is not None else self.max_bits - 0.5
-                bits = max(round(start), self.min_bits)
-            init_alpha = mse_alpha(weight, bits, signed=True)
-        return self._make("weight", init_alpha=usable_weight_range(init_alpha, weight), calibrated=True, signed=True)
+    def weight_quantizer(self, weight: Tensor, range_shape: RangeShape = ()) -> NIPQQuantizer:
+        """A quantizer for ``weight`` with ranges of ``range_shape``, started by ``weight_init``."""
+        bits = self.weight_bits
+        if bits is None:
+            start = self.init_bits if self.init_bits is not None else self.max_bits - 0.5
+            bits = max(round(start), self.min_bits)
+        method = "mse" if self.weight_init == "mse" else "minmax"
+        init_alpha = weight_ranges(weight, self.weight_granularity, range_shape, max(bits, 2), method)
+        return self._make("weight", init_alpha=init_alpha, calibrated=True, signed=True, range_shape=range_shape)
 
     def input_quantizer(self) -> NIPQQuantizer:
         """An uncalibrated input quantizer; calibration sets its range and sign."""
@@ -329,6 +352,11 @@ class NIPQConfig:
         """
         if not isinstance(quantizer, NIPQQuantizer):
             return f"its {role} quantizer is a {quantizer.kind!r} quantizer, not a NIPQ one"
+        if role == "weight" and quantizer.granularity != self.weight_granularity:
+            return (
+                f"its weight quantizer has {granularity_name(quantizer.granularity)} ranges, this configuration "
+                f"{granularity_name(self.weight_granularity)} ranges"
+            )
         expected = self.quantizer_config(role, quantizer.signed)
         have = (quantizer.min_bits, quantizer.max_bits)
         if have != (expected["min_bits"], expected["max_bits"]):

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.quant.fake_quant import integer_codes
+from lightning_nipq.quant.granularity import Granularity, RangeShape, grouped_view, range_rows
 
 #: Starting ranges at or below this are treated as empty (see `usable_weight_range`).
 EMPTY_RANGE = 1e-6
@@ -51,20 +52,52 @@ def quantization_mse(x: Tensor, alphas: Tensor, bits: int, signed: bool) -> Tens
     return total / max(flat.numel(), 1)
 
 
-def mse_alpha(x: Tensor, bits: int, signed: bool, grid: int = MSE_GRID) -> float:
-    """The range minimising `quantization_mse` of ``x``: ``grid`` clipping ratios of ``max|x|``, then as many around the best.
+def row_quantization_mse(rows: Tensor, alphas: Tensor, bits: int, signed: bool) -> Tensor:
+    """Mean squared error of fake-quantizing each row of ``rows`` at its own range ``alphas[i]``: one value per row."""
+    b = torch.tensor(float(bits), device=rows.device)
+    alphas = alphas.reshape(-1, 1).to(rows.device, torch.float32)
+    error = integer_codes(rows, alphas, b, signed) * (alphas / num_levels(b, signed)) - rows
+    return error.square().mean(dim=1, dtype=torch.float64)
 
-    Never worse than min-max: the ratio 1 is among the candidates.
+
+def mse_ranges(rows: Tensor, bits: int, signed: bool, grid: int = MSE_GRID) -> Tensor:
+    """Per row of ``rows`` (one row per range), the range minimising the quantization MSE of that row.
+
+    ``grid`` clipping ratios of the row's ``max|x|``, then as many around the best. Never worse
+    than min-max: the ratio 1 is among the candidates. An all-zero row gets ``1e-8``.
     """
-    flat = x.detach().reshape(-1).float()
-    top = float(flat.abs().max()) if flat.numel() else 0.0
-    if top == 0.0:
-        return 1e-8
-    coarse = torch.linspace(1.0 / grid, 1.0, grid)
-    best = float(coarse[torch.argmin(quantization_mse(flat, coarse * top, bits, signed))])
-    fine = torch.linspace(max(best - 1.0 / grid, 1.0 / grid**2), min(best + 1.0 / grid, 1.0), grid)
-    fine = torch.cat([fine, torch.tensor([best])])  # the fine stage can only improve on the coarse one
-    return float(fine[torch.argmin(quantization_mse(flat, fine * top, bits, signed))]) * top
+    rows = rows.detach().float()
+    top = rows.abs().amax(dim=1) if rows.shape[1] else torch.zeros(rows.shape[0], device=rows.device)
+
+    def best_of(ratios: Tensor) -> Tensor:  # ratios: (candidates, rows)
+        errors = torch.stack([row_quantization_mse(rows, (r * top).clamp_min(1e-8), bits, signed) for r in ratios])
+        return ratios.gather(0, errors.argmin(dim=0, keepdim=True)).squeeze(0)
+
+    coarse = torch.linspace(1.0 / grid, 1.0, grid, device=rows.device).unsqueeze(1).expand(grid, rows.shape[0])
+    best = best_of(coarse)
+    low = (best - 1.0 / grid).clamp_min(1.0 / grid**2)
+    high = (best + 1.0 / grid).clamp_max(1.0)
+    steps = torch.linspace(0.0, 1.0, grid, device=rows.device).unsqueeze(1)
+    fine = torch.cat([low + (high - low) * steps, best.unsqueeze(0)])  # the fine stage can only improve on the coarse one
+    return torch.where(top > 0, best_of(fine) * top, torch.full_like(top, 1e-8))
+
+
+def mse_alpha(x: Tensor, bits: int, signed: bool, grid: int = MSE_GRID) -> float:
+    """The range minimising the quantization MSE of the whole of ``x`` (`mse_ranges` with one row)."""
+    return float(mse_ranges(x.detach().reshape(1, -1), bits, signed, grid)[0])
+
+
+def row_ranges(rows: Tensor, bits: int, signed: bool, method: str = "minmax", percentile: float = 99.99) -> Tensor:
+    """One range per row of ``rows`` by ``method`` (``"minmax"``, ``"percentile"`` or ``"mse"``), at least ``1e-8``."""
+    check_range_method(method, percentile)
+    rows = rows.detach().float()
+    if method == "minmax":
+        alphas = rows.abs().amax(dim=1)
+    elif method == "percentile":
+        alphas = torch.quantile(rows.abs(), percentile / 100.0, dim=1)
+    else:
+        alphas = mse_ranges(rows, bits, signed)
+    return alphas.clamp_min(1e-8)
 
 
 def abs_percentile(x: Tensor, percentile: float, generator: Optional[torch.Generator] = None) -> float:
@@ -85,6 +118,12 @@ def choose_alpha(x: Tensor, bits: int, signed: bool, method: str = "minmax", per
     return max(alpha, 1e-8)
 
 
+def usable_weight_ranges(alphas: Tensor, weight: Tensor) -> Tensor:
+    """`usable_weight_range` for every range of a weight at once: empty ranges become ``1 / sqrt(fan_in)``."""
+    fan_in = weight[0].numel() if weight.dim() > 1 else max(weight.numel(), 1)
+    return torch.where(alphas > EMPTY_RANGE, alphas, torch.full_like(alphas, 1.0 / math.sqrt(fan_in)))
+
+
 def usable_weight_range(alpha: float, weight: Tensor) -> float:
     """``alpha``, unless the weight is (almost) all zeros: then the bound of torch's default initialisation, ``1 / sqrt(fan_in)``.
 
@@ -103,3 +142,20 @@ def check_range_method(method: str, percentile: float) -> None:
         raise ValueError(f"method must be one of {RANGE_METHODS}, got {method!r}")
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+
+
+def weight_ranges(
+    weight: Tensor,
+    granularity: Granularity,
+    range_shape: RangeShape,
+    bits: int,
+    method: str = "minmax",
+    percentile: float = 99.99,
+) -> Tensor:
+    """The ranges of ``weight`` at ``granularity`` (a tensor of ``range_shape``), each searched by ``method`` on its own elements.
+
+    Empty ranges (an all-zero channel) get `usable_weight_ranges`' starting bound.
+    """
+    rows = range_rows(grouped_view(weight.detach().float(), granularity), range_shape)
+    alphas = row_ranges(rows, bits, True, method, percentile).reshape(range_shape)
+    return usable_weight_ranges(alphas, weight)

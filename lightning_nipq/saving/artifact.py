@@ -7,13 +7,17 @@ Layout of the file written by `save_quantized`:
   into a ``uint8`` tensor of ``ceil(bits * numel / 8)`` bytes; see `pack_codes`.
 * every other tensor of the state dict (biases, BatchNorm parameters and buffers, layers
   left in float) under its state-dict key, unchanged.
+* ``<layer>.weight_scale.ranges``: for layers with ranges per channel or per group, their
+  float32 steps, in the layer's range shape.
 * the header metadata key ``"lightning_nipq"``: a JSON manifest with the format name and
   version, the model class, one entry per integer layer (name, kind, weight shape, bits,
-  input bits and sign, the exact float32 scale and alphas) and a sha256 checksum.
+  granularity, input bits and sign, the exact float32 scale of a per-tensor weight and the
+  input alpha) and a sha256 checksum.
 
-The scales and alphas live in the manifest rather than as tensors: as JSON numbers they
-round-trip a float32 exactly, they cost no safetensors header entry each, and the checksum
-covers the manifest too. Nothing is ever unpickled.
+A single scale or alpha lives in the manifest rather than as a tensor: as a JSON number it
+round-trips a float32 exactly, it costs no safetensors header entry, and the checksum
+covers the manifest too. Many steps (per channel or group) are a tensor. Nothing is ever
+unpickled. Version 1 files (every layer per tensor, no ``weight_granularity``) still load.
 
 The checksum catches accidents, not edits (anyone can recompute it), so reading checks
 every value of the manifest and header against the format before using it, and loading
@@ -43,6 +47,7 @@ from lightning_nipq.layers.forms import (
     IntegerLayerMixin,
     LayerKind,
     check_integer_state,
+    check_steps,
     is_integer,
     is_quantized,
 )
@@ -53,10 +58,14 @@ from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.saving.bit_packing import pack_codes, packed_size, unpack_codes
 
 FORMAT_NAME = "lightning-nipq-integer"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 METADATA_KEY = "lightning_nipq"
 PACKED_SUFFIX = "weight_codes.packed"
+#: The per-channel or per-group steps of a layer's weight.
+SCALES_SUFFIX = "weight_scale.ranges"
+#: Keys the manifest's layers own: never loaded as plain state.
+_LAYER_SUFFIXES = (PACKED_SUFFIX, SCALES_SUFFIX)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -108,17 +117,20 @@ def _layer_entry(names: list[str], layer: IntegerLayerMixin) -> dict[str, Any]:
     kind = kind_of(layer)  # type: ignore[arg-type]
     assert kind is not None
     n_w = num_levels(layer.weight_bits, True)
+    per_tensor = layer.weight_granularity == "tensor"
     entry: dict[str, Any] = {
         "name": names[0],
         "type": kind.name,
         "kind": describe_layer(layer),  # type: ignore[arg-type]
         "weight_shape": list(layer.weight_codes.shape),
         "weight_bits": layer.weight_bits,
+        "weight_granularity": layer.weight_granularity,
         "input_bits": layer.input_bits,
         "input_signed": layer.input_signed,
         "input_numel": layer.input_numel,
-        "weight_scale": float(layer.weight_scale),
-        "weight_alpha": float(layer.weight_scale) * n_w,
+        # Per channel or group, the steps are the tensor <name>.weight_scale.ranges.
+        "weight_scale": float(layer.weight_scale) if per_tensor else None,
+        "weight_alpha": float(layer.weight_scale) * n_w if per_tensor else None,
         "input_alpha": float(layer.input_alpha),
     }
     if len(names) > 1:
@@ -161,6 +173,8 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
             for key in INTEGER_STATE_KEYS:
                 state.pop(_prefix(name) + key, None)
         tensors[_prefix(names[0]) + PACKED_SUFFIX] = pack_codes(layer.weight_codes, layer.weight_bits)
+        if layer.weight_granularity != "tensor":
+            tensors[_prefix(names[0]) + SCALES_SUFFIX] = layer.weight_scale.detach().float().cpu().contiguous()
         entries.append(_layer_entry(names, layer))
     aliases: dict[str, str] = {}
     stored_by_memory: dict[tuple[Any, ...], str] = {}
@@ -249,10 +263,11 @@ class _Stored:
 
     is_uint8: bool
     shape: tuple[int, ...]
+    is_float32: bool = False
 
     @classmethod
     def of(cls, tensor: Tensor) -> _Stored:
-        return cls(tensor.dtype == torch.uint8, tuple(tensor.shape))
+        return cls(tensor.dtype == torch.uint8, tuple(tensor.shape), tensor.dtype == torch.float32)
 
 
 @dataclass(frozen=True)
@@ -266,12 +281,17 @@ class _Layer:
     input_bits: Optional[int]
     input_signed: bool
     input_numel: int
-    weight_scale: float
+    weight_scale: Optional[float]  # None: per channel or group, the steps are the tensor at scales_key
     input_alpha: float
+    weight_granularity: Any = "tensor"
 
     @property
     def packed_key(self) -> str:
         return _prefix(self.names[0]) + PACKED_SUFFIX
+
+    @property
+    def scales_key(self) -> str:
+        return _prefix(self.names[0]) + SCALES_SUFFIX
 
     @property
     def numel(self) -> int:
@@ -368,8 +388,10 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
     if not isinstance(value("kind"), str):
         raise _damaged(path, f"{field}.kind", f"must be a description (a string), got {_shown(entry['kind'])}")
     settings = {key: value(key) for key in ("weight_bits", "input_bits", "input_signed", "input_numel")}
+    if "weight_granularity" in entry:  # absent in version 1: every layer per tensor
+        settings["weight_granularity"] = entry["weight_granularity"]
     try:
-        weight_bits, input_bits, input_signed, input_numel = check_integer_state(settings, where=f"{field}.")
+        weight_bits, input_bits, input_signed, input_numel, granularity = check_integer_state(settings, where=f"{field}.")
     except ValueError as e:
         raise ArtifactError(f"{path}: {e}; the file was damaged or edited after it was written: {_FIX}") from None
 
@@ -391,11 +413,23 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
             f"but {key!r} holds {packed_bytes}",
         )
 
-    weight_scale = _number(path, f"{field}.weight_scale", value("weight_scale"), positive=True)
-    weight_alpha = _number(path, f"{field}.weight_alpha", value("weight_alpha"), positive=True)
-    # Written as weight_scale * n and never read back: a disagreement means one of them was edited.
-    if not math.isclose(weight_alpha, weight_scale * num_levels(weight_bits, True), rel_tol=1e-6):
-        raise _damaged(path, f"{field}.weight_alpha", f"{weight_alpha!r} is not weight_scale * {num_levels(weight_bits, True)}")
+    weight_scale: Optional[float] = None
+    if granularity == "tensor":
+        weight_scale = _number(path, f"{field}.weight_scale", value("weight_scale"), positive=True)
+        weight_alpha = _number(path, f"{field}.weight_alpha", value("weight_alpha"), positive=True)
+        # Written as weight_scale * n and never read back: a disagreement means one of them was edited.
+        if not math.isclose(weight_alpha, weight_scale * num_levels(weight_bits, True), rel_tol=1e-6):
+            raise _damaged(path, f"{field}.weight_alpha", f"{weight_alpha!r} is not weight_scale * {num_levels(weight_bits, True)}")
+    else:
+        scales_key = _prefix(name) + SCALES_SUFFIX
+        try:
+            expected = kind.range_shape(shape, granularity)
+        except ValueError as e:
+            raise _damaged(path, f"{field}.weight_granularity", f"does not fit the layer: {e}") from None
+        scales = stored.get(scales_key)
+        if scales is None or not scales.is_float32 or scales.shape != expected:
+            got = "nothing" if scales is None else f"shape {list(scales.shape)}" + ("" if scales.is_float32 else ", not float32")
+            raise _damaged(path, f"tensor {scales_key!r}", f"must hold the float32 steps of shape {list(expected)}, got {got}")
     # A layer with float input never reads its input alpha (it is saved as 0), but it is still a tensor of the layer.
     input_alpha = _number(path, f"{field}.input_alpha", value("input_alpha"), positive=input_bits is not None)
     return _Layer(
@@ -408,6 +442,7 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
         input_numel=input_numel,
         weight_scale=weight_scale,
         input_alpha=input_alpha,
+        weight_granularity=granularity,
     )
 
 
@@ -421,7 +456,7 @@ def _check_aliases(path: Path, aliases: Any, stored: Mapping[str, _Stored]) -> d
             raise _damaged(path, field, f"must be the key of a stored tensor (a string), got {_shown(target)}")
         if alias in stored:
             raise _damaged(path, field, "is also the key of a stored tensor; a key is stored or aliased, not both")
-        if target not in stored or target.endswith(PACKED_SUFFIX):
+        if target not in stored or target.endswith(_LAYER_SUFFIXES):
             raise _damaged(path, field, f"points at {_shown(target)}, which the file does not store as a state-dict tensor")
     return dict(aliases)
 
@@ -449,15 +484,17 @@ def _check_manifest(path: Path, manifest: dict[str, Any], stored: Mapping[str, _
             owner[name] = field
         layers.append(layer)
     aliases = _check_aliases(path, manifest.get("tensor_aliases"), stored)
-    claimed = {layer.packed_key for layer in layers}
+    claimed = {layer.packed_key for layer in layers} | {
+        layer.scales_key for layer in layers if layer.weight_granularity != "tensor"
+    }
     # An integer layer's state comes from its entry; a stored or aliased tensor at one of its
     # keys would be loaded over it, or rejected by the model after conversion.
     reserved = {
         _prefix(name) + key: owner[name] for layer in layers for name in layer.names for key in ("weight", *INTEGER_STATE_KEYS)
     }
     for key in [*stored, *aliases]:
-        if key.endswith(PACKED_SUFFIX) and key not in claimed:
-            raise _damaged(path, f"tensor {_shown(key)}", "holds packed codes that no entry of layers names")
+        if key.endswith(_LAYER_SUFFIXES) and key not in claimed:
+            raise _damaged(path, f"tensor {_shown(key)}", "holds codes or steps that no entry of layers names")
         if key in reserved:
             problem = f"is part of the integer layer of {reserved[key]}, whose state the manifest gives"
             raise _damaged(path, f"tensor {_shown(key)}", problem)
@@ -527,7 +564,7 @@ def _architecture_problems(manifest: _Manifest, tensors: dict[str, Tensor], mode
                 continue
             reported.append(_prefix(name))
     for key, tensor in tensors.items():
-        if not key.endswith(PACKED_SUFFIX):
+        if not key.endswith(_LAYER_SUFFIXES):
             expected[key] = tuple(tensor.shape)
     for alias, target in manifest.tensor_aliases.items():
         expected[alias] = tuple(tensors[target].shape)
@@ -572,6 +609,18 @@ def _unpack(path: Path, index: int, layer: _Layer, tensors: dict[str, Tensor]) -
     return flat.view(layer.weight_shape)
 
 
+def _scales(path: Path, index: int, layer: _Layer, tensors: dict[str, Tensor]) -> Tensor:
+    """The layer's weight steps: its one manifest number, or its checked tensor of steps."""
+    if layer.weight_scale is not None:
+        return torch.tensor(layer.weight_scale, dtype=torch.float32)
+    steps = tensors[layer.scales_key]
+    try:
+        check_steps(steps, f"tensor {layer.scales_key!r} (steps of layers[{index}])", None, positive=True)
+    except ValueError as e:
+        raise _damaged(path, str(e).split(" is ", 1)[0], "holds " + str(e).split(" is ", 1)[1]) from None
+    return steps
+
+
 def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     """Load an artifact written by `save_quantized` into a fresh float instance, in place.
 
@@ -596,16 +645,18 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
         )
     codes = [_unpack(path, index, layer, tensors) for index, layer in enumerate(manifest.layers)]
     modules = dict(model.named_modules(remove_duplicate=False))
-    full_state: dict[str, Any] = {k: v for k, v in tensors.items() if not k.endswith(PACKED_SUFFIX)}
+    scales = [_scales(path, index, layer, tensors) for index, layer in enumerate(manifest.layers)]
+    full_state: dict[str, Any] = {k: v for k, v in tensors.items() if not k.endswith(_LAYER_SUFFIXES)}
     full_state.update({alias: tensors[target] for alias, target in manifest.tensor_aliases.items()})
     restore = restore_point(model, list(full_state))
     try:
-        for layer, layer_codes in zip(manifest.layers, codes):
+        for layer, layer_codes, layer_scales in zip(manifest.layers, codes, scales):
             module = modules[layer.names[0]]
             layer.kind.integer_from_codes(
                 module,
                 layer_codes,
-                weight_scale=torch.tensor(layer.weight_scale, dtype=torch.float32),
+                weight_scale=layer_scales,
+                weight_granularity=layer.weight_granularity,
                 input_alpha=torch.tensor(layer.input_alpha, dtype=torch.float32),
                 weight_bits=layer.weight_bits,
                 input_bits=layer.input_bits,
@@ -695,7 +746,9 @@ def artifact_sizes(path: PathLike) -> ArtifactSizes:
         raise ArtifactError(f"{path}: no such file")
     metadata, entries = _header(path)
     manifest = _check_manifest(
-        path, _parse_manifest(path, metadata), {key: _Stored(e.dtype == "U8", e.shape) for key, e in entries.items()}
+        path,
+        _parse_manifest(path, metadata),
+        {key: _Stored(e.dtype == "U8", e.shape, e.dtype == "F32") for key, e in entries.items()},
     )
     code_bits = sum(layer.weight_bits * layer.numel for layer in manifest.layers)
     weights = sum(layer.numel for layer in manifest.layers)
@@ -705,8 +758,11 @@ def artifact_sizes(path: PathLike) -> ArtifactSizes:
             packed += entry.nbytes
             continue
         other += entry.nbytes
+        if key.endswith(SCALES_SUFFIX):
+            continue  # steps of the quantized weights: the float model has none
         float32 += 4 * entry.numel if entry.dtype.startswith(("F", "BF")) else entry.nbytes
-    other += 8 * len(manifest.layers)  # the float32 weight scale and input alpha of each layer
+    # The float32 input alpha of each layer, and the one weight step of each per-tensor layer (the manifest's).
+    other += 4 * len(manifest.layers) + 4 * sum(layer.weight_scale is not None for layer in manifest.layers)
     return ArtifactSizes(
         file_bytes=path.stat().st_size,
         packed_code_bytes=packed,

@@ -81,7 +81,7 @@ def check_saved_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
     For a fake-quantized layer, its quantizers rebuilt from their saved ``_extra_state``
     (``(weight quantizer, input quantizer or None)``), their parameters checked; for an
-    integer layer, its checked ``(weight_bits, input_bits, input_signed, input_numel)``, its
+    integer layer, its checked ``(weight_bits, input_bits, input_signed, input_numel, weight_granularity)``, its
     codes and scales checked.
 
     Raises:
@@ -113,6 +113,31 @@ def _current_form(layer: nn.Module, kind: LayerKind) -> tuple[str, Optional[str]
         return form, None, None
     inputs = layer.input_quantizer
     return form, layer.weight_quantizer.kind, None if inputs is None else inputs.kind
+
+
+def _range_shape_problem(
+    kind: LayerKind, module: nn.Module, form: str, built: Any, state_dict: Mapping[str, Any], name: str
+) -> Optional[str]:
+    """Whether the saved ranges (a weight quantizer's, or an integer layer's scales) fit this layer's weight."""
+    shape = kind.weight_shape(module)
+    if form == "fake":
+        weight_q = built[0]
+        if weight_q is None:
+            return None
+        granularity, have = weight_q.granularity, weight_q.range_shape
+    else:
+        granularity = built[4]
+        scale = state_dict.get(_prefixed(name, ".weight_scale"))
+        if not isinstance(scale, Tensor):
+            return None
+        have = tuple(scale.shape)
+    try:
+        expected = kind.range_shape(shape, granularity)
+    except ValueError as e:
+        return str(e)
+    if tuple(have) != tuple(expected):
+        return f"ranges of shape {tuple(have)} in the checkpoint, where the layer's {granularity!r} ranges have shape {expected}"
+    return None
 
 
 def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
@@ -147,6 +172,10 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
                 f"{kind.weight_shape(module)} in the model"
             )
             continue
+        problem = _range_shape_problem(kind, module, form, built[name], state_dict, name)
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
+            continue
         plan[name] = (kind, form, built[name])
     if problems:
         raise CheckpointMismatchError(
@@ -174,16 +203,18 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
                 continue
             if now[0] != "float":
                 kind.to_float(layer)
-            weight_bits, input_bits, input_signed, input_numel = built
+            weight_bits, input_bits, input_signed, input_numel, granularity = built
+            shape = kind.weight_shape(layer)
             kind.integer_from_codes(
                 layer,
-                weight_codes=torch.zeros(kind.weight_shape(layer), dtype=torch.int8),
-                weight_scale=torch.zeros(()),
+                weight_codes=torch.zeros(shape, dtype=torch.int8),
+                weight_scale=torch.ones(kind.range_shape(shape, granularity)),
                 input_alpha=torch.zeros(()),
                 weight_bits=weight_bits,
                 input_bits=input_bits,
                 input_signed=input_signed,
                 input_numel=input_numel,
+                weight_granularity=granularity,
             )
     disable_transformer_fast_path(model)
 

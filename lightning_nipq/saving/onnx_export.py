@@ -7,6 +7,10 @@ input -> Clip(lo, alpha) -> QuantizeLinear(alpha / n, 0) -> DequantizeLinear -+
 weight codes (int8 initializer) -> DequantizeLinear(weight scale, 0) -------+-> Conv / Gemm / MatMul (+ bias)
 ```
 
+A weight with one range per output channel dequantizes per axis (a 1-D scale and ``axis``);
+one with ranges per group of inputs dequantizes per block (a ``(C_out, K / g)`` scale,
+``axis=1``, ``block_size=g``), which needs opset 21 and is chosen then by default.
+
 The Clip bounds the input to the learned range ``[-alpha, alpha]`` (signed) or ``[0, alpha]``
 (unsigned), so the codes QuantizeLinear produces stay within ``[-n, n]`` or ``[0, n]``, the
 learned bit width, even though the ONNX type (int8/uint8, int16/uint16 above 8 bits) is wider.
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from lightning_nipq.convert.comparison import compare_outputs
 from lightning_nipq.layers.forms import IntegerLayerMixin
 from lightning_nipq.layers.model_walk import integer_layers, require_integer_model
+from lightning_nipq.quant.granularity import is_group_size
 
 #: The opset of models whose codes all fit 8 bits: the lowest the torch.export-based exporter
 #: writes (its own translation opset, so no version conversion), run by onnxruntime >= 1.14.
@@ -73,12 +78,20 @@ def _register_ops() -> None:
         return torch.empty_like(x)
 
     @torch.library.custom_op("lightning_nipq::dequantize", mutates_args=())
-    def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
-        # DequantizeLinear with zero point 0.
-        return codes.to(torch.float32) * scale
+    def dequantize(codes: Tensor, scale: Tensor, axis: int, block_size: int) -> Tensor:
+        # DequantizeLinear with zero point 0: per tensor (a scalar scale), per axis (a 1-D
+        # scale along ``axis``) or per block (``block_size`` elements of ``axis`` per scale).
+        values = codes.to(torch.float32)
+        if scale.dim() == 0:
+            return values * scale
+        if block_size:
+            return values * scale.repeat_interleave(block_size, dim=axis)
+        shape = [1] * codes.dim()
+        shape[axis] = -1
+        return values * scale.reshape(shape)
 
     @dequantize.register_fake
-    def _(codes: Tensor, scale: Tensor) -> Tensor:
+    def _(codes: Tensor, scale: Tensor, axis: int, block_size: int) -> Tensor:
         return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
 
     _ops_registered = True
@@ -118,8 +131,10 @@ def _translation_table(opset: int) -> dict[Callable[..., Any], Callable[..., Any
         zp = zero_point(bits, signed)
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), scale, zp)
 
-    def dequantize_onnx(codes: Any, scale: Any) -> Any:
-        return op.DequantizeLinear(codes, scale)
+    def dequantize_onnx(codes: Any, scale: Any, axis: int, block_size: int) -> Any:
+        if block_size:
+            return op.DequantizeLinear(codes, scale, axis=axis, block_size=block_size)
+        return op.DequantizeLinear(codes, scale, axis=axis)
 
     return {
         torch.ops.lightning_nipq.quantize_dequantize.default: quantize_dequantize_onnx,
@@ -147,7 +162,8 @@ class _OnnxLayerMixin:
             x = torch.ops.lightning_nipq.quantize_dequantize(
                 x, torch.tensor(scale, dtype=torch.float32), self.input_bits, self.input_signed
             )
-        weight = torch.ops.lightning_nipq.dequantize(self.weight_codes, self.weight_scale)
+        scale, axis, block = _weight_steps(self)  # type: ignore[arg-type]
+        weight = torch.ops.lightning_nipq.dequantize(self.weight_codes, scale, axis, block)
         # The layer kind's own float maths on the dequantized tensors (see lightning_nipq.layers.forms).
         return self.apply_weight(x, weight, self.bias)  # type: ignore[attr-defined]
 
@@ -156,6 +172,17 @@ class _OnnxLayerMixin:
 def _export_class(integer_class: type[nn.Module]) -> type[nn.Module]:
     """The export twin of an integer form: the same class with the QDQ forward, so it works for every layer kind."""
     return type(f"Onnx{integer_class.__name__}", (_OnnxLayerMixin, integer_class), {})
+
+
+def _weight_steps(layer: IntegerLayerMixin) -> tuple[Tensor, int, int]:
+    """``(scale, axis, block_size)`` of DequantizeLinear for the layer's weight codes (block_size 0: none)."""
+    scale = layer.weight_scale
+    if scale.dim() == 0:
+        return scale, 0, 0
+    if is_group_size(layer.weight_granularity):
+        return scale.reshape(scale.shape[0], scale.shape[1]), 1, int(layer.weight_granularity)
+    axis = next(i for i, size in enumerate(scale.shape) if size > 1) if scale.numel() > 1 else 0
+    return scale.reshape(-1), axis, 0
 
 
 def _input_range(layer: IntegerLayerMixin) -> Optional[tuple[float, float, float]]:
@@ -192,12 +219,18 @@ def _check_exportable(model: nn.Module, opset: Optional[int]) -> int:
     if too_wide:
         raise ValueError(f"inputs of {too_wide[:5]} take more than 16 bits, beyond ONNX's QuantizeLinear types")
     wide = [name for name, layer in layers if (layer.input_bits or 0) > 8 or 8 < layer.weight_bits <= 16]
+    blocked = [name for name, layer in layers if is_group_size(layer.weight_granularity)]
     if opset is None:
-        return WIDE_CODES_OPSET if wide else DEFAULT_OPSET
+        return WIDE_CODES_OPSET if wide or blocked else DEFAULT_OPSET
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be at least {MIN_OPSET} (torch's exporter), got {opset}")
     if wide and opset < WIDE_CODES_OPSET:
         raise ValueError(f"{wide[:5]} use codes wider than 8 bits, which need opset >= {WIDE_CODES_OPSET}; got opset={opset}")
+    if blocked and opset < WIDE_CODES_OPSET:
+        raise ValueError(
+            f"{blocked[:5]} have weight ranges per group, whose blockwise DequantizeLinear needs opset >= "
+            f"{WIDE_CODES_OPSET}; got opset={opset}. Leave opset unset to get {WIDE_CODES_OPSET}"
+        )
     return opset
 
 

@@ -43,7 +43,7 @@ def quantizer_metrics(quantizer: BaseQuantizer) -> tuple[Tensor, Tensor, Tensor]
     with torch.no_grad():
         continuous = quantizer.continuous_bits()
         rounded = quantizer.bits()
-        alpha = quantizer.alpha
+        alpha = quantizer.alpha.amax()  # the largest range where there are several
     # One dtype for every value, whatever the model's precision (bf16-true, fp16...).
     return continuous.detach().float(), rounded.detach().float(), alpha.detach().float()
 

@@ -46,7 +46,7 @@ def test_rich_table_has_one_row_per_layer_with_the_reports_cells():
 
     report = _report()
     table = rich_report_table(report)
-    assert [c.header for c in table.columns] == ["layer", "kind", "w bits", "in bits", "w alpha", "in alpha", "params"]
+    assert [c.header for c in table.columns] == ["layer", "kind", "w bits", "w ranges", "in bits", "w alpha", "in alpha", "params"]
     assert table.row_count == len(report.layers)
     console = Console(record=True, width=200)
     console.print(table)
@@ -54,13 +54,13 @@ def test_rich_table_has_one_row_per_layer_with_the_reports_cells():
     rows = _rows(text)
     body, footer = rows[:-1], rows[-1]  # the header is drawn with heavy bars, not "│"
     assert body == [
-        ["stem", "Conv2d", "5", "float", "0.8125", "-", "448"],
-        ["blocks.0.dw", "Conv2d(depthwise)", "2", "4", "0.25", "3.5", "160"],
-        ["blocks.0.pw", "Conv2d", "3", "3", "0.5", "6.25", "2,320"],
-        ["head", "Linear", "4", "8", "1.5", "2", "650"],
+        ["stem", "Conv2d", "5", "tensor", "float", "0.8125", "-", "448"],
+        ["blocks.0.dw", "Conv2d(depthwise)", "2", "tensor", "4", "0.25", "3.5", "160"],
+        ["blocks.0.pw", "Conv2d", "3", "tensor", "3", "0.5", "6.25", "2,320"],
+        ["head", "Linear", "4", "tensor", "8", "1.5", "2", "650"],
     ]
-    assert footer[2] == f"{report.avg_weight_bits:.2f}" and footer[3] == f"{report.avg_act_bits:.2f}"
-    assert footer[6] == "3,578"
+    assert footer[2] == f"{report.avg_weight_bits:.2f}" and footer[4] == f"{report.avg_act_bits:.2f}"
+    assert footer[7] == "3,578"
     ratio = report.float32_bytes / report.quantized_bytes
     caption = " ".join(text.split())
     for expected in (f"{ratio:.1f}x smaller", "agreement 99.84%", "on 8 batches", "val_acc=0.875", "attn (nn.Multi"):
