@@ -378,6 +378,13 @@ class BaseQuantizer(nn.Module):
         except ValueError as e:
             raise ValueError(f"{extra_key}: {e}. {DAMAGED_STATE_FIX}") from e
         try:
+            self._check_layout_unchanged(config)
+        except ValueError as e:
+            raise ValueError(
+                f"{extra_key}: {e}; rebuild the quantizer from the saved state "
+                "(lightning_nipq.quant.quantizer_from_state) or load the checkpoint with load_nipq_checkpoint"
+            ) from e
+        try:
             self.check_saved_parameters(state_dict, prefix, config)
         except ValueError as e:
             raise ValueError(f"{e}. {DAMAGED_STATE_FIX}") from e

@@ -160,7 +160,7 @@ class LSQQuantizer(BaseQuantizer):
         return self.step.abs() * float(self.qp)
 
     def continuous_bits(self) -> Tensor:
-        return self.step.detach() * 0.0 + float(self.max_bits)
+        return self.step.detach().new_full((), float(self.max_bits))
 
     def set_range(self, alpha: Union[float, Tensor], signed: bool) -> None:
         """Set the range (``s = alpha / Qp``) and signedness, and start quantizing."""
@@ -181,7 +181,7 @@ class LSQQuantizer(BaseQuantizer):
 
     # ------------------------------------------------------------------ forward
     def _parameters_in_use(self) -> Tensor:
-        return self.step
+        return self.step.sum()
 
     def _quantize(self, x32: Tensor) -> Tensor:
         # hard_fake_quant computes round_ste(clamp(x / alpha, -1, 1) * Qp) * alpha / Qp, which

@@ -216,7 +216,7 @@ class NIPQQuantizer(BaseQuantizer):
 
     # ------------------------------------------------------------------ forward
     def _parameters_in_use(self) -> Tensor:
-        return self.alpha_raw + self.theta
+        return self.alpha_raw.sum() + self.theta
 
     def _quantize(self, x32: Tensor) -> Tensor:
         alpha = self.alpha
