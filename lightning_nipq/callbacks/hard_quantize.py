@@ -17,6 +17,7 @@ from torch import nn
 from lightning_nipq.callbacks.module_hooks import find_callback, install_load_hook, remove_pending_seal, seal_when_saved
 from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTraining
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
+from lightning_nipq.convert.batchnorm_folding import check_fold_batchnorm
 from lightning_nipq.convert.comparison import check_report, check_tolerances
 from lightning_nipq.convert.report import QuantizationReport
 from lightning_nipq.convert.report_rendering import logger_directory, print_report, save_bit_allocation_figure
@@ -41,7 +42,8 @@ class HardQuantize(Callback):
        on the batches you give (e.g. calibration images generated without the training data,
        see `lightning_nipq.data.generate_calibration_data`), averaged over DDP processes;
     3. converts every quantized layer into an integer layer (integer weight codes and a
-       scale; inputs quantized to codes; the matmul or convolution computed exactly on codes)
+       scale; inputs quantized to codes; the matmul or convolution computed exactly on codes),
+       with ``fold_batchnorm=True`` folds each BatchNorm that directly follows one into it,
        and compares the integer model with the fake-quantized one on ``compare_batches``;
     4. raises `lightning_nipq.IntegerMismatchError` if, combined over DDP processes, the
        argmax agreement is under ``min_agreement`` or the relative difference over
@@ -69,6 +71,17 @@ class HardQuantize(Callback):
         save_figure: save a PNG of the bit allocation per layer to the logger's directory
             (needs matplotlib: ``pip install 'lightning-nipq[plot]'``); its path is kept in
             `figure_path`.
+        fold_batchnorm: fold every BatchNorm that directly follows a quantized layer (its only
+            input is that layer's output, which feeds nothing else) into the integer layer's
+            per-channel steps and bias, and put a ``FoldedBatchNorm`` (an identity) in its
+            place, so the integer model runs no float BatchNorm after a quantized layer. Which
+            BatchNorm follows which layer is seen by running the model once on the first
+            compared batch (else the first re-estimation batch, else the first training batch);
+            see `lightning_nipq.convert.batchnorm_folding`. The report says which BatchNorm went
+            into which layer. Checkpoints, `lightning_nipq.save_quantized` and ONNX export carry
+            the fold, and a fresh float model loads them. False by default, which keeps the
+            model's modules as they are: folding replaces them (``model.bn`` becomes a
+            ``FoldedBatchNorm``), which code that reads them after fit may not expect.
 
     Example:
 
@@ -89,6 +102,7 @@ class HardQuantize(Callback):
         run_validation: bool = True,
         verbose: bool = True,
         save_figure: bool = True,
+        fold_batchnorm: bool = False,
     ) -> None:
         self.bn_batches = _check_batches("bn_batches", bn_batches, "re-estimation")
         self.compare_batches = _check_batches("compare_batches", compare_batches, "the comparison")
@@ -98,6 +112,7 @@ class HardQuantize(Callback):
         for name, value in (("run_validation", run_validation), ("verbose", verbose), ("save_figure", save_figure)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
+        self.fold_batchnorm = check_fold_batchnorm(fold_batchnorm)
         self.min_agreement = min_agreement
         self.max_rel_diff = max_rel_diff
         self.input_fn = input_fn
@@ -209,7 +224,8 @@ class HardQuantize(Callback):
             # so that every process converts the same model (that of one process seeing all the batches).
             _average_batchnorm_statistics(trainer, pl_module)
         compare = self._batches(trainer, self.compare_batches, self._compare_loader(trainer))
-        self.report = convert_and_compare(pl_module, compare, self.input_fn)
+        fold_batch = self._fold_batch(trainer, compare, bn) if self.fold_batchnorm else None
+        self.report = convert_and_compare(pl_module, compare, self.input_fn, self.fold_batchnorm, fold_batch)
         # Checked on figures combined over all processes, so that every process raises or none does.
         _combine_agreement(trainer, self.report)
         check_report(self.report, self.min_agreement, self.max_rel_diff)
@@ -229,6 +245,19 @@ class HardQuantize(Callback):
             self.figure_path = save_bit_allocation_figure(self.report, directory / FIGURE_NAME)
         except ImportError as e:
             rank_zero_warn(f"HardQuantize: no bit-allocation figure ({e})")
+
+    @staticmethod
+    def _fold_batch(trainer: Trainer, compare: list[Any], bn: list[Any]) -> Any:
+        """The batch on which to see which BatchNorm follows which layer: compared, re-estimation, or training."""
+        if compare or bn:
+            return (compare or bn)[0]
+        first = HardQuantize._batches(trainer, 1, trainer.train_dataloader)
+        if not first:
+            raise ValueError(
+                "HardQuantize(fold_batchnorm=True) found no batch to see which BatchNorm follows which layer: give "
+                "compare_batches or bn_batches, or fold_batchnorm=False"
+            )
+        return first[0]
 
     @staticmethod
     def _compare_loader(trainer: Trainer) -> Any:

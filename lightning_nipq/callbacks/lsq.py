@@ -36,6 +36,12 @@ class LSQCallback(QuantizationAwareTraining):
             per layer.
         quantize_inputs: ``False`` quantizes weights only: no input quantizer anywhere, and
             the budget counts weights only.
+        input_zero_point: ``"off"`` (default: symmetric signed codes for inputs that take
+            negative values, unsigned ones otherwise) or ``"auto"``: calibration gives a zero
+            point to each input whose most negative value is at most half its largest magnitude
+            (GELU and SiLU outputs), whose unsigned codes then cover ``[min, alpha]`` instead of
+            wasting half a symmetric grid on ``[-alpha, 0]``. Exact in the integer layers, saved
+            and exported.
         calibration_batches: training batches used to measure input ranges and signs before
             input quantization starts.
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
@@ -61,13 +67,16 @@ class LSQCallback(QuantizationAwareTraining):
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         float_input_layers: Optional[Sequence[str]] = None,
-        weight_granularity: Union[str, int] = "tensor",
+        weight_granularity: Union[str, int] = "channel",
         quantize_inputs: bool = True,
+        input_zero_point: str = "off",
         calibration_batches: int = 4,
         calibration_percentile: float = 99.9,
         log_per_layer: bool = True,
     ) -> None:
-        config = LSQConfig(weight_bits=weight_bits, act_bits=act_bits, weight_granularity=weight_granularity)
+        config = LSQConfig(
+            weight_bits=weight_bits, act_bits=act_bits, weight_granularity=weight_granularity, input_zero_point=input_zero_point
+        )
         super().__init__(
             config,
             quantizer_lr_factor=quantizer_lr_factor,

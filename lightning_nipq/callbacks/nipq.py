@@ -87,6 +87,12 @@ class NIPQCallback(QuantizationAwareTraining):
             per layer.
         quantize_inputs: ``False`` quantizes weights only: no input quantizer anywhere, and
             the budget counts weights only.
+        input_zero_point: ``"off"`` (default: symmetric signed codes for inputs that take
+            negative values, unsigned ones otherwise) or ``"auto"``: calibration gives a zero
+            point to each input whose most negative value is at most half its largest magnitude
+            (GELU and SiLU outputs), whose unsigned codes then cover ``[min, alpha]`` instead of
+            wasting half a symmetric grid on ``[-alpha, 0]``. Exact in the integer layers, saved
+            and exported.
         calibration_batches: training batches used to measure input ranges and signs before
             input quantization starts.
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
@@ -133,8 +139,9 @@ class NIPQCallback(QuantizationAwareTraining):
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         float_input_layers: Optional[Sequence[str]] = None,
-        weight_granularity: Union[str, int] = "tensor",
+        weight_granularity: Union[str, int] = "channel",
         quantize_inputs: bool = True,
+        input_zero_point: str = "off",
         calibration_batches: int = 4,
         calibration_percentile: float = 99.9,
         init_bits: Optional[float] = None,
@@ -154,6 +161,7 @@ class NIPQCallback(QuantizationAwareTraining):
             stochastic_bits=stochastic_bits,
             weight_init=weight_init,
             weight_granularity=weight_granularity,
+            input_zero_point=input_zero_point,
         )
         _check_targets(config, target_bits, target_act_bits)
         if budget not in BUDGETS:

@@ -76,6 +76,11 @@ class QuantizationAwareTraining(Callback):
                 "float_input_layers names layers whose input stays float, but quantize_inputs=False already leaves every "
                 "input float; pass one or the other"
             )
+        if not quantize_inputs and getattr(config, "input_zero_point", "off") != "off":
+            raise ValueError(
+                "input_zero_point gives quantized inputs a zero point, but quantize_inputs=False quantizes no input; "
+                "pass one or the other"
+            )
         if isinstance(quantizer_lr_factor, bool) or not isinstance(quantizer_lr_factor, (int, float)) or not (
             0 < quantizer_lr_factor < math.inf
         ):
@@ -116,6 +121,7 @@ class QuantizationAwareTraining(Callback):
             "method": self.quantizer_config.method,
             "weight_granularity": self.quantizer_config.weight_granularity,
             "quantize_inputs": self.quantize_inputs,
+            "input_zero_point": getattr(self.quantizer_config, "input_zero_point", "off"),
         }
 
     def _before_attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -267,6 +273,8 @@ class QuantizationAwareTraining(Callback):
         self._observer.finish(
             reduce_mean=lambda t: strategy.reduce(t.to(strategy.root_device), reduce_op="mean").cpu(),
             reduce_min=lambda t: -strategy.reduce(-t.to(strategy.root_device), reduce_op="max").cpu(),
+            # The largest magnitudes decide the zero points too: every rank must decide alike.
+            reduce_max=lambda t: strategy.reduce(t.to(strategy.root_device), reduce_op="max").cpu(),
         )
         self._observer = None
         for q in self._calibrating:

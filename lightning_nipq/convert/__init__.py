@@ -1,6 +1,7 @@
 """From a fake-quantized model to a validated integer model: freezing, BatchNorm re-estimation,
-conversion, comparison and the layer check, the report and its rendering. Plain torch."""
+conversion (folding BatchNorm if asked), comparison and the layer check, the report and its rendering. Plain torch."""
 
+from lightning_nipq.convert.batchnorm_folding import fold_batchnorms
 from lightning_nipq.convert.comparison import IntegerMismatchError, check_report, compare_outputs
 from lightning_nipq.convert.report import LayerReport, QuantizationReport
 from lightning_nipq.convert.report_rendering import print_report, save_bit_allocation_figure
@@ -20,6 +21,7 @@ __all__ = [
     "compare_outputs",
     "convert_and_compare",
     "convert_to_integer",
+    "fold_batchnorms",
     "freeze_quantizers",
     "hard_quantize",
     "print_report",

@@ -7,6 +7,7 @@ from typing import Optional
 
 from torch import nn
 
+from lightning_nipq.layers.folded_batchnorm import folded_batchnorms
 from lightning_nipq.layers.layer_kinds import describe_layer
 from lightning_nipq.layers.model_walk import integer_layers, left_in_float
 from lightning_nipq.quant.codes import num_levels
@@ -32,6 +33,8 @@ class LayerReport:
     granularity: str = "tensor"
     #: The weight's stored steps (1 per tensor, the channels or groups otherwise).
     weight_ranges: int = 1
+    #: The input codes' zero point (0: none; see `lightning_nipq.quant.fake_quant`).
+    input_zero_point: int = 0
 
 
 @dataclass
@@ -52,6 +55,10 @@ class QuantizationReport:
     #: Quantized layers the model's forward did not call during the comparison (bypassed or unused).
     uncalled_layers: list[str] = field(default_factory=list)
     integer_metrics: dict[str, float] = field(default_factory=dict)
+    #: ``BatchNorm name -> integer layer name`` for each BatchNorm folded into the layer it follows.
+    folded_batchnorms: dict[str, str] = field(default_factory=dict)
+    #: ``(BatchNorm name, why)`` for the BatchNorms kept as they are when folding was asked for.
+    batchnorms_kept: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def avg_weight_bits(self) -> float:
@@ -94,7 +101,7 @@ class QuantizationReport:
                 ranges_label(r),
                 "float" if r.input_bits is None else str(r.input_bits),
                 f"{r.weight_alpha:.4g}",
-                "-" if r.input_alpha is None else f"{r.input_alpha:.4g}",
+                input_alpha_label(r),
                 f"{r.params:,}",
             )
             for r in self.layers
@@ -135,10 +142,31 @@ class QuantizationReport:
         if self.skipped:
             lines.append("left in float:")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        lines += batchnorm_lines(self)
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def batchnorm_lines(report: QuantizationReport) -> list[str]:
+    """Which BatchNorm was folded into which layer, and why others were kept, for the text and rich reports."""
+    lines = []
+    if report.folded_batchnorms:
+        lines.append(
+            "BatchNorm folded into the layer before it: "
+            + ", ".join(f"{bn} -> {layer}" for bn, layer in report.folded_batchnorms.items())
+        )
+    if report.batchnorms_kept:
+        lines.append("BatchNorm kept: " + "; ".join(f"{bn} ({reason})" for bn, reason in report.batchnorms_kept))
+    return lines
+
+
+def input_alpha_label(row: LayerReport) -> str:
+    """The input's range for the tables: ``-`` (float input), ``alpha``, or ``alpha zp z`` with a zero point."""
+    if row.input_alpha is None:
+        return "-"
+    return f"{row.input_alpha:.4g} zp {row.input_zero_point}" if row.input_zero_point else f"{row.input_alpha:.4g}"
 
 
 def ranges_label(row: LayerReport) -> str:
@@ -161,10 +189,12 @@ def integer_model_report(model: nn.Module) -> QuantizationReport:
                 granularity=granularity_name(layer.weight_granularity),
                 weight_ranges=layer.weight_scale.numel(),
                 input_alpha=None if layer.input_bits is None else float(layer.input_alpha),
+                input_zero_point=layer.input_zero_point,
                 params=layer.weight_codes.numel() + bias,
                 weight_numel=layer.weight_codes.numel(),
                 input_numel=layer.input_numel,
             )
         )
     total = sum(p.numel() for p in model.parameters()) + sum(r.weight_numel for r in rows)
-    return QuantizationReport(layers=rows, skipped=left_in_float(model), total_params=total)
+    folded = {names[0]: module.into for names, module in folded_batchnorms(model)}
+    return QuantizationReport(layers=rows, skipped=left_in_float(model), total_params=total, folded_batchnorms=folded)

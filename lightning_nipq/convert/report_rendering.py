@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from lightning_nipq.convert.report import QuantizationReport, ranges_label
+from lightning_nipq.convert.report import QuantizationReport, batchnorm_lines, input_alpha_label, ranges_label
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -49,7 +49,7 @@ def _caption_lines(report: QuantizationReport) -> list[str]:
         lines.append("integer model: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.integer_metrics.items())))
     if report.skipped:
         lines.append("left in float: " + "; ".join(f"{name} ({reason})" for name, reason in report.skipped))
-    return lines
+    return lines + batchnorm_lines(report)
 
 
 def rich_report_table(report: QuantizationReport) -> Table:
@@ -95,7 +95,7 @@ def rich_report_table(report: QuantizationReport) -> Table:
             ranges_label(r),
             input_bits,
             f"{r.weight_alpha:.4g}",
-            "-" if r.input_alpha is None else f"{r.input_alpha:.4g}",
+            input_alpha_label(r),
             f"{r.params:,}",
         )
     return table

@@ -3,6 +3,7 @@ forms, walking a model, attaching quantizers, calibration and post-training quan
 
 from lightning_nipq.layers.attach import AttachResult, attach_quantizers, detach_quantizers
 from lightning_nipq.layers.calibration import calibrate_activations
+from lightning_nipq.layers.folded_batchnorm import FoldedBatchNorm
 from lightning_nipq.layers.forms import IntegerLayerMixin, LayerKind, QuantizedLayerMixin, is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import LAYER_KINDS, describe_layer, kind_of
 from lightning_nipq.layers.model_calls import call_model, default_input_fn, first_tensor
@@ -11,6 +12,7 @@ from lightning_nipq.layers.post_training import post_training_quantize
 
 __all__ = [
     "AttachResult",
+    "FoldedBatchNorm",
     "IntegerLayerMixin",
     "LAYER_KINDS",
     "LayerKind",

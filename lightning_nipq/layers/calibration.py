@@ -18,7 +18,9 @@ def calibrate_activations(
 ) -> None:
     """Calibrate every uncalibrated input quantizer of ``model`` by running ``forward`` on ``batches``.
 
-    For models quantized outside Lightning: ``forward(batch)`` should call the model.
+    For models quantized outside Lightning: ``forward(batch)`` should call the model. Each
+    quantizer gets its range and sign, and a zero point where its ``zero_point`` setting is
+    ``"auto"`` (``NIPQConfig(input_zero_point="auto")``; see `lightning_nipq.quant.observers`).
     """
     observer = RangeObserver("percentile", percentile)
     observe_inputs(model, batches, forward, observer)

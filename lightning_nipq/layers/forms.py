@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 from lightning_nipq.quant.codes import check_bit_width, code_dtype, num_levels
-from lightning_nipq.quant.fake_quant import integer_codes
+from lightning_nipq.quant.fake_quant import code_grid, integer_codes
 from lightning_nipq.quant.granularity import (
     Granularity,
     RangeShape,
@@ -131,6 +131,9 @@ class IntegerLayerMixin:
     input_signed: bool
     input_numel: int  # elements of the input in the calibration batch, its weight in average bits
     weight_granularity: Granularity
+    #: The input codes' zero point (unsigned codes only; 0: none). The layer multiplies the
+    #: centred codes ``q - z``, integers whose zero is the real 0.0, so zero padding stays exact.
+    input_zero_point: int = 0
 
     @property
     def weight(self) -> Tensor:
@@ -165,9 +168,17 @@ class IntegerLayerMixin:
         return torch.float64
 
     def input_scale(self) -> Tensor:
-        """The step of the input codes, ``input_alpha / n``."""
+        """The step of the input codes, ``input_alpha / n`` (``input_alpha / (N - z)`` with a zero point)."""
         assert self.input_bits is not None
-        return self.input_alpha / num_levels(torch.tensor(float(self.input_bits)), self.input_signed)
+        bits = torch.tensor(float(self.input_bits))
+        # code_grid: the same float32 division as the fake quantizer's step.
+        return self.input_alpha / code_grid(bits, self.input_signed, self._input_zero_tensor(bits.device))[1]
+
+    def _input_zero_tensor(self, device: torch.device) -> Optional[Tensor]:
+        # The zero point as the float tensor the quantizer's formula takes (None: no zero point).
+        if not self.input_zero_point:
+            return None
+        return torch.tensor(float(self.input_zero_point), device=device)
 
     def forward(self, input: Tensor) -> Tensor:
         out_dtype = input.dtype if input.is_floating_point() else torch.float32
@@ -177,7 +188,9 @@ class IntegerLayerMixin:
             output = self.apply_weight(input.to(dtype), self.dequantized_weight(dtype), None)  # type: ignore[attr-defined]
         else:
             bits = torch.tensor(float(self.input_bits), device=input.device)
-            codes_in = integer_codes(input.float(), self.input_alpha, bits, self.input_signed).to(dtype)
+            # Centred codes q - z with a zero point: integers in [-z, N - z], 0 for a real 0.0.
+            zero = self._input_zero_tensor(input.device)
+            codes_in = integer_codes(input.float(), self.input_alpha, bits, self.input_signed, zero).to(dtype)
             input_scale = self.input_scale().to(dtype)
             codes_w = self.weight_codes.to(dtype)
             if is_group_size(self.weight_granularity):
@@ -203,16 +216,20 @@ class IntegerLayerMixin:
             "input_signed": self.input_signed,
             "input_numel": self.input_numel,
             "weight_granularity": self.weight_granularity,
+            "input_zero_point": self.input_zero_point,
         }
 
     def set_extra_state(self, state: Any) -> None:
+        settings = check_integer_state(state)
+        zero_point = check_input_zero_point(state, settings)
         (
             self.weight_bits,
             self.input_bits,
             self.input_signed,
             self.input_numel,
             self.weight_granularity,
-        ) = check_integer_state(state)
+        ) = settings
+        self.input_zero_point = zero_point
 
     def _load_from_state_dict(
         self,
@@ -271,6 +288,32 @@ def check_integer_state(state: Any, where: str = "") -> IntegerSettings:
     return weight_bits, input_bits, input_signed, input_numel, granularity
 
 
+def check_input_zero_point(state: Mapping[str, Any], settings: IntegerSettings, where: str = "") -> int:
+    """The input zero point of an integer layer's saved state (``input_zero_point``), checked against its checked ``settings``.
+
+    Absent (a state written before zero points existed) means 0. Otherwise a whole number
+    ``0 <= z < 2**input_bits - 1``, and nonzero only for a quantized, unsigned input.
+
+    Raises:
+        ValueError: naming ``{where}input_zero_point`` and the problem.
+    """
+    _, input_bits, input_signed, _, _ = settings
+    value = state.get("input_zero_point", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}input_zero_point must be a whole number >= 0, got {value!r}")
+    if value == 0:
+        return 0
+    if input_bits is None or input_signed:
+        what = "its input stays float" if input_bits is None else "its input codes are signed"
+        raise ValueError(f"{where}input_zero_point is {value}, but {what}: only unsigned input codes have a zero point")
+    top = num_levels(input_bits, False)
+    if value >= top:
+        raise ValueError(
+            f"{where}input_zero_point is {value}, outside [0, {top - 1}]: {input_bits}-bit unsigned codes need one code above zero"
+        )
+    return int(value)
+
+
 def check_codes(codes: Tensor, bits: int, name: str) -> None:
     """Raise a `ValueError` naming ``name`` unless ``codes`` are integers within the ``±n`` of ``bits``-bit signed codes."""
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
@@ -300,7 +343,9 @@ def check_saved_integer_layer(
     """
     key = prefix + "_extra_state"
     try:
-        settings = check_integer_state(state_dict[key] if key in state_dict or current is None else current)
+        state = state_dict[key] if key in state_dict or current is None else current
+        settings = check_integer_state(state)
+        check_input_zero_point(state, settings)
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from e
     weight_bits, input_bits, _, _, granularity = settings
@@ -339,7 +384,8 @@ def check_steps(value: Tensor, name: str, shape: Optional[RangeShape], positive:
     high = float(value.max())
     if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or (positive and low == 0):
         need = "finite and positive" if positive else "finite and >= 0"
-        shown = f"{low}" if value.numel() == 1 else f"between {low} and {high}"
+        alike = value.numel() == 1 or low == high or (math.isnan(low) and math.isnan(high))
+        shown = f"{low}" if alike else f"between {low} and {high}"
         raise ValueError(f"{name} is {shown}; it must be {need}")
 
 
@@ -437,10 +483,14 @@ class LayerKind:
             codes = integer_codes(grouped_view(weight, wq.granularity), w_alpha, w_bits, signed=True).reshape(weight.shape)
             scale = (w_alpha / num_levels(w_bits, True)).detach().clone()
             iq = layer.input_quantizer
+            input_zero_point = 0
             if iq is not None and iq.calibrated:
                 input_bits: Optional[int] = iq.rounded_bits()
                 input_alpha = iq.alpha.detach().float().clone()
                 input_signed, input_numel = iq.signed, iq.size
+                # The quantizer's own zero point at the bits the layer keeps: the same float32 formula.
+                zero = iq.zero_point_code(torch.tensor(float(input_bits), device=input_alpha.device))
+                input_zero_point = 0 if zero is None else int(zero)
             else:
                 input_bits, input_alpha, input_signed, input_numel = None, torch.zeros((), device=codes.device), True, 0
         weight_bits = int(w_bits.item())
@@ -449,7 +499,16 @@ class LayerKind:
         del layer.weight
         layer.__class__ = self.integer
         self._set_integer_state(
-            layer, codes.to(code_dtype(weight_bits)), scale, input_alpha, weight_bits, input_bits, input_signed, input_numel, wq.granularity
+            layer,
+            codes.to(code_dtype(weight_bits)),
+            scale,
+            input_alpha,
+            weight_bits,
+            input_bits,
+            input_signed,
+            input_numel,
+            wq.granularity,
+            input_zero_point,
         )
 
     # ------------------------------------------------------------------ float -> integer
@@ -464,25 +523,29 @@ class LayerKind:
         input_signed: bool,
         input_numel: int,
         weight_granularity: Granularity = "tensor",
+        input_zero_point: int = 0,
     ) -> None:
         """Turn a plain float layer into its integer form from stored codes and scales, in place.
 
         For loading a saved integer model: ``weight_codes`` (signed codes in ``[-n, n]``,
         ``n = 2**(weight_bits - 1) - 1``) replace the float weight, and ``weight_scale`` holds
-        one step per range of ``weight_granularity`` (`range_shape`). Everything is checked
-        before the layer is touched.
+        one step per range of ``weight_granularity`` (`range_shape`). ``input_zero_point`` is
+        the zero point of unsigned input codes (0: none). Everything is checked before the
+        layer is touched.
         """
         if type(layer) is not self.float_type:
             raise TypeError(f"{type(layer).__name__} is not a plain {self.name}")
-        weight_bits, input_bits, input_signed, input_numel, weight_granularity = check_integer_state(
-            {
-                "weight_bits": weight_bits,
-                "input_bits": input_bits,
-                "input_signed": input_signed,
-                "input_numel": input_numel,
-                "weight_granularity": weight_granularity,
-            }
-        )
+        state = {
+            "weight_bits": weight_bits,
+            "input_bits": input_bits,
+            "input_signed": input_signed,
+            "input_numel": input_numel,
+            "weight_granularity": weight_granularity,
+            "input_zero_point": input_zero_point,
+        }
+        settings = check_integer_state(state)
+        input_zero_point = check_input_zero_point(state, settings)
+        weight_bits, input_bits, input_signed, input_numel, weight_granularity = settings
         weight = layer.weight
         if tuple(weight_codes.shape) != tuple(weight.shape):
             raise ValueError(f"weight codes of shape {tuple(weight_codes.shape)} do not fit a weight of shape {tuple(weight.shape)}")
@@ -503,6 +566,7 @@ class LayerKind:
             input_signed,
             input_numel,
             weight_granularity,
+            input_zero_point,
         )
 
     @staticmethod
@@ -516,6 +580,7 @@ class LayerKind:
         input_signed: bool,
         input_numel: int,
         weight_granularity: Granularity,
+        input_zero_point: int = 0,
     ) -> None:
         layer.register_buffer("weight_codes", codes)
         layer.register_buffer("weight_scale", scale)
@@ -525,6 +590,7 @@ class LayerKind:
         layer.input_signed = input_signed
         layer.input_numel = input_numel
         layer.weight_granularity = weight_granularity
+        layer.input_zero_point = input_zero_point
 
     # ------------------------------------------------------------------ any form -> float
     def to_float(self, layer: nn.Module) -> None:

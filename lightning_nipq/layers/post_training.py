@@ -18,9 +18,9 @@ from lightning_nipq.layers.attach import AttachResult, attach_quantizers
 from lightning_nipq.layers.calibration import observe_inputs
 from lightning_nipq.layers.model_calls import InputFn, call_model
 from lightning_nipq.layers.model_walk import quantized_layers
+from lightning_nipq.quant.granularity import Granularity
 from lightning_nipq.quant.lsq_quantizer import LSQConfig
 from lightning_nipq.quant.observers import RangeObserver
-from lightning_nipq.quant.granularity import Granularity
 from lightning_nipq.quant.range_search import check_range_method, weight_ranges
 
 
@@ -36,8 +36,9 @@ def post_training_quantize(
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
     float_input_layers: Optional[Sequence[str]] = None,
-    weight_granularity: Granularity = "tensor",
+    weight_granularity: Granularity = "channel",
     quantize_inputs: bool = True,
+    input_zero_point: str = "off",
 ) -> AttachResult:
     """Quantize ``model`` in place without training: fixed bits, ranges from the weights and ``calibration_batches``.
 
@@ -67,6 +68,10 @@ def post_training_quantize(
             weight, each searched by ``method`` on its own elements.
         quantize_inputs: ``False`` quantizes weights only (no input quantizers, and
             ``calibration_batches`` are not run).
+        input_zero_point: ``"off"`` (symmetric signed or unsigned input codes) or ``"auto"``:
+            each input whose most negative value is at most half its largest magnitude (GELU
+            and SiLU outputs) gets unsigned codes with a zero point, covering ``[min, alpha]``
+            (see `lightning_nipq.quant.observers.wants_zero_point`).
 
     Returns:
         What was quantized and what was left in float.
@@ -82,7 +87,14 @@ def post_training_quantize(
         ```
     """
     check_range_method(method, percentile)
-    config = LSQConfig(weight_bits=weight_bits, act_bits=act_bits, weight_granularity=weight_granularity)
+    config = LSQConfig(
+        weight_bits=weight_bits, act_bits=act_bits, weight_granularity=weight_granularity, input_zero_point=input_zero_point
+    )
+    if not quantize_inputs and input_zero_point != "off":
+        raise ValueError(
+            "input_zero_point gives quantized inputs a zero point, but quantize_inputs=False quantizes no input; "
+            "pass one or the other"
+        )
     result = attach_quantizers(model, config, include, exclude, float_input_layers, quantize_inputs)
     with torch.no_grad():
         for _, layer in quantized_layers(model):

@@ -3,11 +3,12 @@
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.quant.codes import MAX_BITS, MIN_BITS, MIN_SIGNED_BITS, num_levels
 from lightning_nipq.quant.fake_quant import hard_fake_quant, integer_codes, noise_fake_quant, round_ste
+from lightning_nipq.quant.granularity import check_granularity, grouped_view, range_shape_for
 from lightning_nipq.quant.lsq_quantizer import LSQConfig, LSQQuantizer
 from lightning_nipq.quant.methods import QUANTIZER_METHODS, QuantizerFactory, quantizer_from_state
 from lightning_nipq.quant.nipq_quantizer import NIPQConfig, NIPQQuantizer
 from lightning_nipq.quant.observers import RangeObserver
-from lightning_nipq.quant.range_search import choose_alpha, quantization_mse
+from lightning_nipq.quant.range_search import choose_alpha, quantization_mse, weight_ranges
 
 __all__ = [
     "BaseQuantizer",
@@ -21,12 +22,16 @@ __all__ = [
     "QUANTIZER_METHODS",
     "QuantizerFactory",
     "RangeObserver",
+    "check_granularity",
     "choose_alpha",
+    "grouped_view",
     "hard_fake_quant",
     "integer_codes",
     "noise_fake_quant",
     "num_levels",
     "quantization_mse",
     "quantizer_from_state",
+    "range_shape_for",
     "round_ste",
+    "weight_ranges",
 ]

@@ -16,20 +16,25 @@ the method's name, so a loader rebuilds exactly the quantizer that was saved
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, num_levels
-from lightning_nipq.quant.fake_quant import round_ste
+from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, check_negative_share, check_zero_point_rule
+from lightning_nipq.quant.fake_quant import code_grid, round_ste, zero_point
 from lightning_nipq.quant.granularity import check_granularity, check_range_shape, granularity_name, grouped_view
 
 #: The settings every quantizer has besides its method's: how many ranges it keeps (see
 #: `lightning_nipq.quant.granularity`). A saved state without them is per tensor.
 LAYOUT_KEYS: tuple[str, ...] = ("granularity", "range_shape")
+#: The settings of an input's zero point, optional too: ``zero_point`` (what calibration does,
+#: ``"off"`` or ``"auto"``, see `lightning_nipq.quant.codes.ZERO_POINT_RULES`) and
+#: ``negative_share`` (the calibrated share ``f`` of the range below zero; 0: no zero point).
+#: A saved state without them has no zero point.
+ZERO_POINT_KEYS: tuple[str, ...] = ("zero_point", "negative_share")
 
 
 @torch.compiler.disable
@@ -57,7 +62,10 @@ class BaseQuantizer(nn.Module):
     """A quantizer of one tensor onto symmetric signed or unsigned integer codes.
 
     Codes are ``[-n, n]`` with ``n = 2**(b-1) - 1`` (signed) or ``[0, 2**b - 1]``
-    (unsigned), and the range is ``[-alpha, alpha]`` or ``[0, alpha]``. Subclasses
+    (unsigned), and the range is ``[-alpha, alpha]`` or ``[0, alpha]``. An unsigned
+    quantizer with a ``negative_share`` ``f > 0`` has a zero point ``z = round(f * (2**b - 1))``
+    (`zero_point_code`) and the range ``[-z * s, alpha]`` with the step ``s = alpha / (2**b - 1 - z)``
+    (see `lightning_nipq.quant.fake_quant`). Subclasses
     provide `alpha`, `continuous_bits`, `set_range`, ``_quantize`` (the calibrated
     forward, in float32) and ``_parameters_in_use`` (a tensor touching every parameter).
 
@@ -95,7 +103,7 @@ class BaseQuantizer(nn.Module):
     # ------------------------------------------------------------------ configuration
     def config(self) -> dict[str, Any]:
         """The settings that define this quantizer: its constructor arguments, less the starting values."""
-        return {key: getattr(self, key) for key in (*self.config_keys, *LAYOUT_KEYS)}
+        return {key: getattr(self, key) for key in (*self.config_keys, *LAYOUT_KEYS, *ZERO_POINT_KEYS)}
 
     #: The names of the settings `config` returns; each is an attribute of the quantizer.
     config_keys: ClassVar[tuple[str, ...]] = ("signed", "min_bits", "max_bits")
@@ -108,11 +116,11 @@ class BaseQuantizer(nn.Module):
         state all pass through it. Methods extend it for their own settings.
         """
         required = set(cls.config_keys)
-        if not isinstance(config, Mapping) or not required <= set(config) <= required | set(LAYOUT_KEYS):
+        if not isinstance(config, Mapping) or not required <= set(config) <= required | set(LAYOUT_KEYS) | set(ZERO_POINT_KEYS):
             got = sorted(config) if isinstance(config, Mapping) else type(config).__name__
             raise ValueError(
                 f"a {cls.kind or cls.__name__} quantizer's settings are {sorted(cls.config_keys)} "
-                f"(and optionally {list(LAYOUT_KEYS)}), got {got}"
+                f"(and optionally {list(LAYOUT_KEYS + ZERO_POINT_KEYS)}), got {got}"
             )
         config = dict(config)
         config["granularity"] = check_granularity("granularity", config.get("granularity", "tensor"))
@@ -121,6 +129,13 @@ class BaseQuantizer(nn.Module):
             raise ValueError(f"signed must be True or False, got {config['signed']!r}")
         if "min_bits" in config:
             check_bit_range(config["min_bits"], config["max_bits"])
+        config["zero_point"] = check_zero_point_rule("zero_point", config.get("zero_point", "off"))
+        config["negative_share"] = check_negative_share("negative_share", config.get("negative_share", 0.0))
+        if config["negative_share"] > 0 and config["signed"]:
+            raise ValueError(
+                f"negative_share={config['negative_share']} gives the codes a zero point, which goes with unsigned codes; "
+                "pass signed=False with it (or negative_share=0 for symmetric signed codes)"
+            )
         return dict(config)
 
     @classmethod
@@ -129,7 +144,7 @@ class BaseQuantizer(nn.Module):
         return config["min_bits"], config["max_bits"]
 
     def _apply_config(self, config: Mapping[str, Any]) -> None:
-        for key in (*self.config_keys, *LAYOUT_KEYS):
+        for key in (*self.config_keys, *LAYOUT_KEYS, *ZERO_POINT_KEYS):
             setattr(self, key, config[key])
 
     def _check_layout_unchanged(self, config: Mapping[str, Any]) -> None:
@@ -157,16 +172,27 @@ class BaseQuantizer(nn.Module):
     # ------------------------------------------------------------------ for subclasses
     @property
     def alpha(self) -> Tensor:
-        """The truncation: the largest magnitude the codes represent."""
+        """The truncation: the largest magnitude the codes represent (the top of the range with a zero point)."""
         raise NotImplementedError
 
     def continuous_bits(self) -> Tensor:
         """The bit-width before rounding (the frozen value once frozen)."""
         raise NotImplementedError
 
-    def set_range(self, alpha: Union[float, Tensor], signed: bool) -> None:
-        """Set the truncation (a number, or a tensor of ``range_shape``) and signedness, and start quantizing."""
+    def set_range(self, alpha: Union[float, Tensor], signed: bool, negative_share: float = 0.0) -> None:
+        """Set the truncation (a number, or a tensor of ``range_shape``), signedness and zero point, and start quantizing.
+
+        ``negative_share`` (with ``signed=False``) is the share ``f`` of the range below zero:
+        the codes get the zero point `zero_point_code`. 0 leaves plain signed or unsigned codes.
+        """
         raise NotImplementedError
+
+    def _grid_config(self, signed: bool, negative_share: float) -> dict[str, Any]:
+        # The checked configuration with a new sign and zero point, for set_range to apply
+        # once the range is accepted too: a refused call changes nothing.
+        config = self.check_config({**self.config(), "signed": bool(signed), "negative_share": negative_share})
+        self._check_layout_unchanged(config)
+        return config
 
     def _quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -232,8 +258,33 @@ class BaseQuantizer(nn.Module):
         self.frozen_bits = value
 
     def step_size(self) -> Tensor:
-        """``alpha / n`` at the current rounded bits."""
-        return self.alpha / num_levels(self.bits(), self.signed)
+        """``alpha / n`` at the current rounded bits (``alpha / (N - z)`` with a zero point)."""
+        bits = self.bits()
+        return self.alpha / code_grid(bits, self.signed, self.zero_point_code(bits))[1]
+
+    # ------------------------------------------------------------------ zero point
+    @property
+    def has_zero_point(self) -> bool:
+        """Whether the codes have a zero point (calibration gave the input a negative share)."""
+        return self.negative_share > 0
+
+    def zero_point_code(self, bits: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The zero point at ``bits`` (by default the current rounded bits) as a float tensor, or None without one.
+
+        ``round(negative_share * (2**bits - 1))`` (`lightning_nipq.quant.fake_quant.zero_point`):
+        the quantizer keeps the share, so its zero point follows the bits it learns.
+        """
+        if self.negative_share == 0:
+            return None
+        return zero_point(self.bits() if bits is None else bits, self.negative_share)
+
+    def codes_name(self) -> str:
+        """``signed``, ``unsigned``, or ``unsigned, zero point 37 (share 0.145)`` (at the current bits), for ``repr``."""
+        if not self.has_zero_point:
+            return "signed" if self.signed else "unsigned"
+        code = self.zero_point_code()
+        assert code is not None
+        return f"unsigned, zero point {int(code)} (share {self.negative_share:.3g})"
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -395,7 +446,10 @@ class BaseQuantizer(nn.Module):
 
 def shown_value(value: Tensor) -> str:
     """A saved tensor for a message: the number itself when it is one."""
-    return f"{float(value):g}" if value.numel() == 1 else f"a tensor of shape {tuple(value.shape)}"
+    first = value.reshape(-1)[:1]
+    if value.numel() == 1 or (value.numel() and bool((value == first).all())):
+        return f"{float(first):g}"  # one number, or the same number in every range
+    return f"a tensor of shape {tuple(value.shape)}"
 
 
 def shown_range(alpha: Tensor) -> str:

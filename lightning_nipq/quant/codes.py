@@ -66,3 +66,34 @@ def check_bit_width(name: str, value: Any, signed: bool = False) -> int:
 def code_dtype(bits: int) -> torch.dtype:
     """The narrowest signed integer type that holds codes of ``bits`` bits."""
     return torch.int8 if bits <= 8 else torch.int16
+
+
+# ---------------------------------------------------------------------- zero points
+#: What calibration may do about an input's zero point (the ``input_zero_point`` argument):
+#: ``"off"`` keeps symmetric signed or unsigned codes; ``"auto"`` gives a zero point to an
+#: input whose negative side is small against its positive one (the rule is
+#: `lightning_nipq.quant.observers.wants_zero_point`).
+ZERO_POINT_RULES: tuple[str, ...] = ("off", "auto")
+MAX_NEGATIVE_SHARE = 0.5
+"""Largest share of a zero-point range below zero: a range more negative than positive is no
+longer the case a zero point pays for (symmetric signed codes serve it)."""
+
+
+def check_zero_point_rule(name: str, value: Any) -> str:
+    """``value`` if it is one of `ZERO_POINT_RULES`, else a `ValueError` naming ``name`` and the allowed values."""
+    if not isinstance(value, str) or value not in ZERO_POINT_RULES:
+        raise ValueError(
+            f"{name} must be 'off' (symmetric signed or unsigned input codes) or 'auto' (a zero point for inputs whose "
+            f"negative side is small, such as GELU or SiLU outputs), got {value!r}"
+        )
+    return value
+
+
+def check_negative_share(name: str, value: Any) -> float:
+    """``value`` as a float if it is a number in ``[0, MAX_NEGATIVE_SHARE]``, else a `ValueError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_NEGATIVE_SHARE:
+        raise ValueError(
+            f"{name} (the share of an input's range below zero, which sets its zero point) must be a number in "
+            f"[0, {MAX_NEGATIVE_SHARE}], got {value!r}"
+        )
+    return float(value)

@@ -18,9 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.quant.base_quantizer import BaseQuantizer, shown_range, shown_value
-from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, num_levels
-from lightning_nipq.quant.fake_quant import hard_fake_quant
-from lightning_nipq.quant.granularity import Granularity, RangeShape, check_granularity, granularity_name, grouped_view, range_rows
+from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, check_zero_point_rule, num_levels
+from lightning_nipq.quant.fake_quant import hard_fake_quant, zero_point_of
+from lightning_nipq.quant.granularity import (
+    Granularity,
+    RangeShape,
+    check_granularity,
+    granularity_name,
+    grouped_view,
+    range_rows,
+    range_shape_for,
+)
 from lightning_nipq.quant.range_search import usable_weight_ranges
 
 
@@ -58,8 +66,9 @@ class LSQQuantizer(BaseQuantizer):
     gradient scale ``g = 1 / sqrt(numel * Qp)``. ``numel`` is the number of elements of
     the tensor for a weight and of one sample (the tensor without its first dimension)
     for an activation (``per_sample=True``). Signed codes are symmetric (``Qn = Qp = 2**(b-1) - 1``)
-    and unsigned ones ``[0, 2**b - 1]``, as NIPQ's, so ``alpha = s * Qp``. There is no
-    noise mode: training and eval both round.
+    and unsigned ones ``[0, 2**b - 1]``, as NIPQ's, so ``alpha = s * Qp``. With a zero point
+    ``z`` (an unsigned input with a ``negative_share``), ``Qn = z`` and ``Qp = 2**b - 1 - z``,
+    still ``alpha = s * Qp``. There is no noise mode: training and eval both round.
 
     Args:
         bits: the fixed bit-width (signed quantizers need at least 2).
@@ -74,6 +83,10 @@ class LSQQuantizer(BaseQuantizer):
         range_shape: the shape of the step (one per channel or group), broadcast against the
             input; ``init_alpha`` may be a tensor of this shape. The gradient scale then counts
             the elements of one range: ``g = 1 / sqrt(numel / ranges * Qp)``.
+        zero_point: what calibration does about a zero point: ``"off"`` or ``"auto"`` (see
+            `lightning_nipq.quant.observers.wants_zero_point`).
+        negative_share: the share ``f`` of the range below zero (unsigned codes only; 0: no
+            zero point); the zero point is ``round(f * (2**bits - 1))``.
 
     Example:
 
@@ -98,13 +111,23 @@ class LSQQuantizer(BaseQuantizer):
         calibrated: bool = True,
         granularity: Granularity = "tensor",
         range_shape: RangeShape = (),
+        zero_point: str = "off",
+        negative_share: float = 0.0,
     ) -> None:
-        config = {"bits": bits, "signed": signed, "per_sample": per_sample, "granularity": granularity, "range_shape": range_shape}
+        config = {
+            "bits": bits,
+            "signed": signed,
+            "per_sample": per_sample,
+            "granularity": granularity,
+            "range_shape": range_shape,
+            "zero_point": zero_point,
+            "negative_share": negative_share,
+        }
         super().__init__(config, calibrated=calibrated)
         alpha = torch.as_tensor(init_alpha, dtype=torch.float32).detach()
         if not bool((alpha > 0).all()):
             raise ValueError(f"init_alpha must be positive, got {shown_value(alpha)}")
-        self.step = nn.Parameter((alpha / num_levels(bits, signed)).expand(self.range_shape).clone())
+        self.step = nn.Parameter((alpha / self.qp).expand(self.range_shape).clone())
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -126,6 +149,8 @@ class LSQQuantizer(BaseQuantizer):
             "per_sample": self.per_sample,
             "granularity": self.granularity,
             "range_shape": self.range_shape,
+            "zero_point": self.zero_point,
+            "negative_share": self.negative_share,
         }
 
     def _apply_config(self, config: Mapping[str, Any]) -> None:
@@ -135,6 +160,10 @@ class LSQQuantizer(BaseQuantizer):
         self.per_sample = config["per_sample"]
         self.granularity = config["granularity"]
         self.range_shape = config["range_shape"]
+        self.zero_point = config["zero_point"]
+        self.negative_share = config["negative_share"]
+        # The bits are fixed, so is the zero point: a Python integer, no tensor work per forward.
+        self._zero_code = zero_point_of(config["bits"], config["negative_share"])
 
     @classmethod
     def _check_saved_range(cls, values: Mapping[str, Tensor], config: Mapping[str, Any]) -> Optional[str]:
@@ -142,7 +171,7 @@ class LSQQuantizer(BaseQuantizer):
         step = values.get("step")
         if step is None:
             return None
-        qp = num_levels(config["bits"], config["signed"])
+        qp = num_levels(config["bits"], config["signed"]) - zero_point_of(config["bits"], config["negative_share"])
         alpha = step.abs().double() * qp
         if not bool(((alpha > 0) & (alpha < torch.finfo(torch.float32).max)).all()):
             return f"step={shown_value(step)} gives the range |step| * {qp}, which must be positive and finite"
@@ -150,8 +179,8 @@ class LSQQuantizer(BaseQuantizer):
 
     @property
     def qp(self) -> int:
-        """The largest code (``Qn`` is the same for signed codes and 0 for unsigned ones)."""
-        return num_levels(self.max_bits, self.signed)
+        """The largest code (``Qn`` is the same for signed codes, 0 for unsigned ones, the zero point with one)."""
+        return num_levels(self.max_bits, self.signed) - self._zero_code
 
     @property
     def alpha(self) -> Tensor:
@@ -162,15 +191,16 @@ class LSQQuantizer(BaseQuantizer):
     def continuous_bits(self) -> Tensor:
         return self.step.detach().new_full((), float(self.max_bits))
 
-    def set_range(self, alpha: Union[float, Tensor], signed: bool) -> None:
-        """Set the range (``s = alpha / Qp``) and signedness, and start quantizing."""
+    def set_range(self, alpha: Union[float, Tensor], signed: bool, negative_share: float = 0.0) -> None:
+        """Set the range (``s = alpha / Qp``), signedness and zero point's share, and start quantizing."""
         if signed and self.max_bits < MIN_SIGNED_BITS:
             raise ValueError(
                 f"a signed input needs at least {MIN_SIGNED_BITS} bits (symmetric 1-bit codes hold only zero); "
                 f"this quantizer has {self.max_bits}"
             )
+        config = self._grid_config(signed, negative_share)
         alpha = torch.as_tensor(alpha, dtype=torch.float32, device=self.step.device).clamp_min(1e-8)
-        self.signed = bool(signed)
+        self._apply_config(config)
         self.step.data.copy_((alpha / self.qp).expand(self.range_shape))
         self.calibrated = True
 
@@ -187,13 +217,14 @@ class LSQQuantizer(BaseQuantizer):
         # hard_fake_quant computes round_ste(clamp(x / alpha, -1, 1) * Qp) * alpha / Qp, which
         # for alpha = s * Qp is LSQ's round_ste(clamp(x / s, -Qn, Qp)) * s with LSQ's step
         # gradient, and is the very formula the integer conversion uses for the codes.
+        # With a zero point z, N - z of the formula is Qp and z is Qn.
         step = scale_grad(self.step.abs(), self.gradient_scale(x32))
         bits = torch.full((), float(self.max_bits), device=x32.device)
-        return hard_fake_quant(x32, step * float(self.qp), bits, self.signed)
+        zero = torch.full((), float(self._zero_code), device=x32.device) if self.has_zero_point else None
+        return hard_fake_quant(x32, step * float(self.qp), bits, self.signed, zero)
 
     def extra_repr(self) -> str:
-        kind = "signed" if self.signed else "unsigned"
-        return f"{kind}, bits={self.max_bits}, step={shown_range(self.step.abs())}, per_sample={self.per_sample}"
+        return f"{self.codes_name()}, bits={self.max_bits}, step={shown_range(self.step.abs())}, per_sample={self.per_sample}"
 
 
 @dataclass
@@ -210,6 +241,9 @@ class LSQConfig:
         weight_granularity: ``"tensor"``, ``"channel"`` or a group size: one step per weight,
             per output channel, or per group of that many inputs (see
             `lightning_nipq.quant.granularity`).
+        input_zero_point: ``"off"`` (symmetric signed or unsigned input codes) or ``"auto"``:
+            calibration gives a zero point to each input whose negative side is small against
+            its positive one (`lightning_nipq.quant.observers.wants_zero_point`).
     """
 
     #: The quantizer method this config builds.
@@ -217,7 +251,8 @@ class LSQConfig:
 
     weight_bits: int = 4
     act_bits: Optional[int] = None
-    weight_granularity: Granularity = "tensor"
+    weight_granularity: Granularity = "channel"
+    input_zero_point: str = "off"
 
     def __post_init__(self) -> None:
         if self.act_bits is None:
@@ -225,9 +260,16 @@ class LSQConfig:
         check_bit_width("weight_bits", self.weight_bits, signed=True)
         check_bit_width("act_bits", self.act_bits)
         self.weight_granularity = check_granularity("weight_granularity", self.weight_granularity)
+        check_zero_point_rule("input_zero_point", self.input_zero_point)
 
-    def weight_quantizer(self, weight: Tensor, range_shape: RangeShape = ()) -> LSQQuantizer:
-        """A quantizer for ``weight`` with ranges of ``range_shape``, each with LSQ's initial step."""
+    def weight_quantizer(self, weight: Tensor, range_shape: Optional[RangeShape] = None) -> LSQQuantizer:
+        """A quantizer for ``weight`` with ranges of ``range_shape``, each with LSQ's initial step.
+
+        ``range_shape`` comes from the layer's kind (`lightning_nipq.layers.LayerKind.range_shape`);
+        by default it is that of a weight whose output channels are its first axis.
+        """
+        if range_shape is None:
+            range_shape = range_shape_for(tuple(weight.shape), self.weight_granularity)
         rows = range_rows(grouped_view(weight.detach(), self.weight_granularity), range_shape)
         alphas = usable_weight_ranges(lsq_init_ranges(rows, self.weight_bits, signed=True).reshape(range_shape), weight)
         return LSQQuantizer(
@@ -243,7 +285,13 @@ class LSQConfig:
         assert self.act_bits is not None
         # Symmetric signed codes need 2 bits, so a 1-bit input starts unsigned (as ReLU
         # outputs are); calibration refuses it if the input turns out signed.
-        return LSQQuantizer(bits=self.act_bits, signed=self.act_bits >= MIN_SIGNED_BITS, per_sample=True, calibrated=False)
+        return LSQQuantizer(
+            bits=self.act_bits,
+            signed=self.act_bits >= MIN_SIGNED_BITS,
+            per_sample=True,
+            calibrated=False,
+            zero_point=self.input_zero_point,
+        )
 
     def difference(self, quantizer: BaseQuantizer, role: str) -> Optional[str]:
         """How a quantizer already on the model differs from what this config builds, or None."""
@@ -260,4 +308,9 @@ class LSQConfig:
         return None
 
     def adopt(self, quantizer: BaseQuantizer, role: str) -> None:
-        """Nothing to apply: an LSQ quantizer's settings are its bits, which `difference` compares."""
+        """Give an input quantizer already on the model this config's zero-point rule (bits are what `difference` compares).
+
+        The rule matters only to an input not calibrated yet: a calibrated one keeps its codes.
+        """
+        if role == "input":
+            quantizer.configure(zero_point=self.input_zero_point)

@@ -24,6 +24,9 @@ class QuantizerFactory(Protocol):
     #: ``"tensor"``, ``"channel"`` or a group size: how many ranges each weight gets.
     weight_granularity: Granularity
 
+    #: ``"off"`` or ``"auto"``: whether calibration may give inputs a zero point (`lightning_nipq.quant.codes.ZERO_POINT_RULES`).
+    input_zero_point: str
+
     def weight_quantizer(self, weight: Tensor, range_shape: RangeShape = ()) -> BaseQuantizer:
         """A calibrated, signed quantizer with ranges of ``range_shape`` (from the layer's kind) that suit ``weight``."""
         ...

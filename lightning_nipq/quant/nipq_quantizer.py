@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_nipq.quant.base_quantizer import BaseQuantizer, inverse_softplus, shown_range, shown_value
-from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width
+from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, check_zero_point_rule
 from lightning_nipq.quant.fake_quant import hard_fake_quant, noise_fake_quant
+from lightning_nipq.quant.granularity import Granularity, RangeShape, check_granularity, granularity_name, range_shape_for
 from lightning_nipq.quant.noise import NOISE_KINDS, register_generator, sample_noise, sample_noise_compilable
-from lightning_nipq.quant.granularity import Granularity, RangeShape, check_granularity, granularity_name
 from lightning_nipq.quant.range_search import weight_ranges
 
 Mode = Literal["noise", "hard"]
@@ -52,6 +52,11 @@ class NIPQQuantizer(BaseQuantizer):
             per tensor, for example ``(C_out, 1, 1, 1)`` per channel of a Conv2d weight.
             ``init_alpha`` may be a tensor of this shape. Each range learns on its own, and in the
             noise phase each element's noise step is its own range's.
+        zero_point: what calibration does about a zero point: ``"off"`` (signed or unsigned
+            codes) or ``"auto"`` (see `lightning_nipq.quant.observers.wants_zero_point`).
+        negative_share: the share ``f`` of the range below zero (unsigned codes only; 0: no zero
+            point). The codes are ``[0, 2**b - 1]`` with the zero point ``round(f * (2**b - 1))``
+            at whatever bits the quantizer has, and ``alpha`` stays the top of the range.
 
     Example:
 
@@ -78,6 +83,8 @@ class NIPQQuantizer(BaseQuantizer):
         calibrated: bool = True,
         granularity: Union[str, int] = "tensor",
         range_shape: tuple[int, ...] = (),
+        zero_point: str = "off",
+        negative_share: float = 0.0,
     ) -> None:
         config = {
             "signed": signed,
@@ -87,6 +94,8 @@ class NIPQQuantizer(BaseQuantizer):
             "stochastic_bits": stochastic_bits,
             "granularity": granularity,
             "range_shape": range_shape,
+            "zero_point": zero_point,
+            "negative_share": negative_share,
         }
         super().__init__(config, calibrated=calibrated)
         if init_bits is None:
@@ -161,10 +170,10 @@ class NIPQQuantizer(BaseQuantizer):
         super().__setstate__(state)
         self.generator = self.__dict__.get("_generator")
 
-    def _noise(self, kind: str, x: Tensor, alpha: Tensor, bits: Tensor) -> Tensor:
+    def _noise(self, kind: str, x: Tensor, alpha: Tensor, bits: Tensor, zero_point: Optional[Tensor] = None) -> Tensor:
         if torch.compiler.is_compiling():
-            return sample_noise_compilable(kind, x, alpha, bits, self.signed, self._noise_key, self._noise_order)
-        return sample_noise(kind, x, alpha, bits, self.signed, self.generator)
+            return sample_noise_compilable(kind, x, alpha, bits, self.signed, self._noise_key, self._noise_order, zero_point)
+        return sample_noise(kind, x, alpha, bits, self.signed, self.generator, zero_point)
 
     # ------------------------------------------------------------------ bits and range
     @property
@@ -208,10 +217,11 @@ class NIPQQuantizer(BaseQuantizer):
             raise ValueError(f"{name} must be positive, got {shown_value(alpha)}")
         self.alpha_raw.data.copy_(inverse_softplus(alpha.clamp_min(1e-8)).expand(self.range_shape))
 
-    def set_range(self, alpha: Union[float, Tensor], signed: bool) -> None:
-        """Set the truncation and signedness (what calibration does) and start quantizing."""
+    def set_range(self, alpha: Union[float, Tensor], signed: bool, negative_share: float = 0.0) -> None:
+        """Set the truncation, signedness and zero point's share (what calibration does) and start quantizing."""
+        config = self._grid_config(signed, negative_share)
         self._fill_range(torch.as_tensor(alpha, dtype=torch.float32).clamp_min(1e-8), "alpha")
-        self.signed = bool(signed)
+        self._apply_config(config)
         self.calibrated = True
 
     # ------------------------------------------------------------------ forward
@@ -224,25 +234,28 @@ class NIPQQuantizer(BaseQuantizer):
             return self._blended(x32, alpha)
         noisy = self.training and self.mode == "noise"
         bits = self.bits(stochastic=noisy and self.stochastic_bits)
+        zero_point = self.zero_point_code(bits)
         if noisy:
-            noise = self._noise(self.noise, x32, alpha.detach(), bits.detach())
-            return noise_fake_quant(x32, alpha, bits, self.signed, noise)
-        return hard_fake_quant(x32, alpha, bits, self.signed)
+            noise = self._noise(self.noise, x32, alpha.detach(), bits.detach(), zero_point)
+            return noise_fake_quant(x32, alpha, bits, self.signed, noise, zero_point)
+        return hard_fake_quant(x32, alpha, bits, self.signed, zero_point)
 
     def _blended(self, x32: Tensor, alpha: Tensor) -> Tensor:
         # Both paths, selected by the flag: gradients reach only the selected one. Noise is
         # drawn for hard layers too, so compiled anneal steps draw more than eager ones.
         noisy_bits = self.bits(stochastic=self.stochastic_bits)
-        noise = self._noise(self.noise, x32, alpha.detach(), noisy_bits.detach())
-        noisy = noise_fake_quant(x32, alpha, noisy_bits, self.signed, noise)
-        hard = hard_fake_quant(x32, alpha, self.bits(), self.signed)
+        noisy_zero = self.zero_point_code(noisy_bits)
+        noise = self._noise(self.noise, x32, alpha.detach(), noisy_bits.detach(), noisy_zero)
+        noisy = noise_fake_quant(x32, alpha, noisy_bits, self.signed, noise, noisy_zero)
+        bits = self.bits()
+        hard = hard_fake_quant(x32, alpha, bits, self.signed, self.zero_point_code(bits))
         return torch.where(self._hard_flag > 0, hard, noisy)
 
     def extra_repr(self) -> str:
         bits = f"bits={self.frozen_bits} (frozen)" if self.frozen_bits is not None else (
             f"bits~{self.continuous_bits().item():.2f} in [{self.lowest_bits}, {self.max_bits}]"
         )
-        return f"{'signed' if self.signed else 'unsigned'}, {bits}, alpha={shown_range(self.alpha)}, mode={self.mode}"
+        return f"{self.codes_name()}, {bits}, alpha={shown_range(self.alpha)}, mode={self.mode}"
 
 
 #: Ways to start a weight's range (see `NIPQConfig`).
@@ -271,6 +284,9 @@ class NIPQConfig:
         weight_granularity: ``"tensor"``, ``"channel"`` or a group size: one learned range per
             weight, per output channel, or per group of that many inputs of each output
             channel (see `lightning_nipq.quant.granularity`). Bits stay one per layer.
+        input_zero_point: ``"off"`` (symmetric signed or unsigned input codes) or ``"auto"``:
+            calibration gives a zero point to each input whose negative side is small against
+            its positive one (`lightning_nipq.quant.observers.wants_zero_point`).
     """
 
     #: The quantizer method this config builds.
@@ -284,10 +300,12 @@ class NIPQConfig:
     noise: str = "uniform"
     stochastic_bits: bool = True
     weight_init: str = "max"
-    weight_granularity: Granularity = "tensor"
+    weight_granularity: Granularity = "channel"
+    input_zero_point: str = "off"
 
     def __post_init__(self) -> None:
         self.weight_granularity = check_granularity("weight_granularity", self.weight_granularity)
+        check_zero_point_rule("input_zero_point", self.input_zero_point)
         if self.weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
         if self.weight_bits is not None:
@@ -314,7 +332,14 @@ class NIPQConfig:
         """The settings (`NIPQQuantizer.config`) of a ``role`` quantizer built by this config."""
         fixed = self.fixed_bits(role)
         low, high = (fixed, fixed) if fixed is not None else (self.min_bits, self.max_bits)
-        return {"signed": signed, "min_bits": low, "max_bits": high, "noise": self.noise, "stochastic_bits": self.stochastic_bits}
+        return {
+            "signed": signed,
+            "min_bits": low,
+            "max_bits": high,
+            "noise": self.noise,
+            "stochastic_bits": self.stochastic_bits,
+            "zero_point": self.input_zero_point if role == "input" else "off",
+        }
 
     def _make(
         self, role: str, init_alpha: Union[float, Tensor], calibrated: bool, signed: bool, range_shape: RangeShape = ()
@@ -330,8 +355,14 @@ class NIPQConfig:
             range_shape=range_shape,
         )
 
-    def weight_quantizer(self, weight: Tensor, range_shape: RangeShape = ()) -> NIPQQuantizer:
-        """A quantizer for ``weight`` with ranges of ``range_shape``, started by ``weight_init``."""
+    def weight_quantizer(self, weight: Tensor, range_shape: Optional[RangeShape] = None) -> NIPQQuantizer:
+        """A quantizer for ``weight`` with ranges of ``range_shape``, started by ``weight_init``.
+
+        ``range_shape`` comes from the layer's kind (`lightning_nipq.layers.LayerKind.range_shape`);
+        by default it is that of a weight whose output channels are its first axis.
+        """
+        if range_shape is None:
+            range_shape = range_shape_for(tuple(weight.shape), self.weight_granularity)
         bits = self.weight_bits
         if bits is None:
             start = self.init_bits if self.init_bits is not None else self.max_bits - 0.5
@@ -367,5 +398,9 @@ class NIPQConfig:
         return None
 
     def adopt(self, quantizer: BaseQuantizer, role: str) -> None:
-        """Give a quantizer already on the model (with no `difference`) this config's noise settings."""
-        quantizer.configure(noise=self.noise, stochastic_bits=self.stochastic_bits)
+        """Give a quantizer already on the model (with no `difference`) this config's noise and zero-point settings.
+
+        The zero-point rule matters only to an input not calibrated yet: a calibrated one keeps its codes.
+        """
+        zero_point = {"zero_point": self.input_zero_point} if role == "input" else {}
+        quantizer.configure(noise=self.noise, stochastic_bits=self.stochastic_bits, **zero_point)

@@ -21,7 +21,12 @@ def uniform_noise(like: Tensor, generator: Optional[torch.Generator] = None) -> 
 
 
 def histogram_noise(
-    x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, generator: Optional[torch.Generator] = None
+    x: Tensor,
+    alpha: Tensor,
+    bits: Tensor,
+    signed: bool,
+    generator: Optional[torch.Generator] = None,
+    zero_point: Optional[Tensor] = None,
 ) -> Tensor:
     """Sample from a 256-bin histogram of the actual rounding error of ``x``.
 
@@ -29,7 +34,7 @@ def histogram_noise(
     clipped (``torch.multinomial`` on an empty histogram); then there is no rounding
     error to imitate, and uniform noise is used instead.
     """
-    error = rounding_error(x.float(), alpha, bits, signed)
+    error = rounding_error(x.float(), alpha, bits, signed, zero_point)
     if error.numel() == 0:
         return uniform_noise(x, generator)
     counts = torch.histc(error, bins=HISTOGRAM_BINS, min=-0.5, max=0.5)
@@ -41,12 +46,19 @@ def histogram_noise(
 
 
 def sample_noise(
-    kind: str, x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, generator: Optional[torch.Generator] = None
+    kind: str,
+    x: Tensor,
+    alpha: Tensor,
+    bits: Tensor,
+    signed: bool,
+    generator: Optional[torch.Generator] = None,
+    zero_point: Optional[Tensor] = None,
 ) -> Tensor:
+    """Noise of ``kind`` shaped like ``x``; the histogram imitates the rounding error of the grid (``zero_point``: see `fake_quant`)."""
     if kind == "uniform":
         return uniform_noise(x, generator)
     if kind == "histogram":
-        return histogram_noise(x, alpha, bits, signed, generator)
+        return histogram_noise(x, alpha, bits, signed, generator, zero_point)
     raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
 
 
@@ -88,14 +100,28 @@ def _registered(key: int) -> Optional[torch.Generator]:
 
 
 def _sample_registered(
-    kind: str, x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, generator_key: int, order: Tensor
+    kind: str,
+    x: Tensor,
+    alpha: Tensor,
+    bits: Tensor,
+    signed: bool,
+    generator_key: int,
+    order: Tensor,
+    zero_point: Optional[Tensor] = None,
 ) -> Tensor:
     order.add_(1)
-    return sample_noise(kind, x, alpha, bits, signed, _registered(generator_key))
+    return sample_noise(kind, x, alpha, bits, signed, _registered(generator_key), zero_point)
 
 
 def _fake_noise(
-    kind: str, x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, generator_key: int, order: Tensor
+    kind: str,
+    x: Tensor,
+    alpha: Tensor,
+    bits: Tensor,
+    signed: bool,
+    generator_key: int,
+    order: Tensor,
+    zero_point: Optional[Tensor] = None,
 ) -> Tensor:
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
@@ -109,7 +135,14 @@ else:  # older torch: the draw stays a graph break
 
 
 def sample_noise_compilable(
-    kind: str, x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, generator_key: int, order: Tensor
+    kind: str,
+    x: Tensor,
+    alpha: Tensor,
+    bits: Tensor,
+    signed: bool,
+    generator_key: int,
+    order: Tensor,
+    zero_point: Optional[Tensor] = None,
 ) -> Tensor:
     """`sample_noise` for code under ``torch.compile``, from the generator registered as ``generator_key``.
 
@@ -118,4 +151,5 @@ def sample_noise_compilable(
     """
     if kind == "uniform" and generator_key == GLOBAL_RNG_KEY:
         return uniform_noise(x)  # torch's own RNG is traceable
-    return _noise_op(kind, x.detach(), alpha.detach(), bits.detach(), signed, generator_key, order)
+    zp = None if zero_point is None else zero_point.detach()
+    return _noise_op(kind, x.detach(), alpha.detach(), bits.detach(), signed, generator_key, order, zp)

@@ -1,9 +1,12 @@
-"""`RangeObserver`: the range and sign of uncalibrated input quantizers, from the inputs they see.
+"""`RangeObserver`: the range, sign and zero point of uncalibrated input quantizers, from the inputs they see.
 
 While a quantizer is uncalibrated it passes its input through and hands it to the
 observer watching it. When calibration ends, `RangeObserver.finish` sets each
 quantizer's range by one of `lightning_nipq.quant.range_search.RANGE_METHODS` and makes it
-signed if any observed value was negative:
+signed if any observed value was negative, unless the quantizer's ``zero_point`` is
+``"auto"`` and `wants_zero_point` holds: then its codes are unsigned with a zero point, the
+range reaching down to the smallest observed value (see `lightning_nipq.quant.fake_quant`).
+The range (its top, with a zero point) comes from:
 
 * ``"percentile"``: the mean over batches of each batch's percentile of ``|x|`` (what
   NIPQ's calibration does);
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.codes import MAX_NEGATIVE_SHARE
 from lightning_nipq.quant.range_search import abs_percentile, check_range_method, mse_alpha, random_subset
 
 #: Elements of each input kept per calibration batch for the MSE search (the range itself
@@ -28,6 +32,29 @@ MSE_SAMPLES_PER_BATCH = 1 << 16
 
 #: Combines one statistic per quantizer across processes (DDP), returning the combined values.
 Reducer = Callable[[Tensor], Tensor]
+
+#: The bound of the ``zero_point="auto"`` rule (`wants_zero_point`): the magnitude of an
+#: input's most negative value over its largest magnitude.
+AUTO_ZERO_POINT_RATIO = 0.5
+
+
+def wants_zero_point(low: float, top: float) -> bool:
+    """The ``"auto"`` rule: whether an input gets a zero point, from its smallest value ``low`` and largest magnitude ``top``.
+
+    Yes when ``low < 0`` and ``|low| <= AUTO_ZERO_POINT_RATIO * top``: the input is mostly
+    positive with a small negative tail, as GELU (minimum about -0.17) and SiLU (about -0.28)
+    outputs are. Symmetric signed codes spend half their levels on ``[-alpha, 0]``, which such
+    an input barely uses; unsigned codes with a zero point cover ``[low, alpha]`` with all
+    ``2**b`` levels, a step ``(1 + |low| / alpha) / 2`` times the symmetric one: at least 25%
+    finer within the bound, and the larger ``|low|``, the less a zero point gains. Inputs
+    without negative values stay unsigned (no zero point needed), and the others signed.
+    """
+    return low < 0.0 and -low <= AUTO_ZERO_POINT_RATIO * top
+
+
+def zero_point_share(low: float, alpha: float) -> float:
+    """The ``negative_share`` that puts the bottom of a zero-point range with top ``alpha`` at ``low`` (< 0)."""
+    return min(-low / (alpha - low), MAX_NEGATIVE_SHARE)
 
 
 class RangeObserver:
@@ -123,11 +150,12 @@ class RangeObserver:
         reduce_min: Optional[Reducer] = None,
         reduce_max: Optional[Reducer] = None,
     ) -> None:
-        """Set every watched quantizer's range and sign, and stop observing.
+        """Set every watched quantizer's range, sign and zero point, and stop observing.
 
         ``reduce_mean``, ``reduce_min`` and ``reduce_max`` combine the statistics across
-        processes, so that every DDP rank ends with the same ranges. The MSE search needs
-        every sample in one place and is not combined.
+        processes, so that every DDP rank ends with the same ranges (and, given ``reduce_min``
+        and ``reduce_max``, the same choice of zero points). The MSE search needs every sample
+        in one place and is not combined.
 
         Raises:
             RuntimeError: a watched quantizer saw no input (its layer was never called).
@@ -144,24 +172,36 @@ class RangeObserver:
         lows = torch.tensor([self._min[k] for k in keys], dtype=torch.float64)
         if reduce_min is not None:
             lows = reduce_min(lows)
+        tops = torch.tensor([self._max[k] for k in keys], dtype=torch.float64)
+        if reduce_max is not None:
+            tops = reduce_max(tops)
+        zero = [
+            getattr(q, "zero_point", "off") == "auto" and wants_zero_point(low, top)
+            for (_, q), low, top in zip(watched, lows.tolist(), tops.tolist())
+        ]
         if self.method == "percentile":
             alphas = torch.tensor([self._percentile_sum[k] / self._batches[k] for k in keys], dtype=torch.float64)
             if reduce_mean is not None:
                 alphas = reduce_mean(alphas)
         elif self.method == "minmax":
-            alphas = torch.tensor([self._max[k] for k in keys], dtype=torch.float64)
-            if reduce_max is not None:
-                alphas = reduce_max(alphas)
+            alphas = tops
         else:
             alphas = torch.tensor(
                 [
-                    mse_alpha(torch.cat(self._samples[k]), q.rounded_bits(), signed=low < 0.0)
-                    for (k, q), low in zip(watched, lows.tolist())
+                    mse_alpha(
+                        torch.cat(self._samples[k]),
+                        q.rounded_bits(),
+                        signed=low < 0.0 and not zp,
+                        negative=-low if zp else None,
+                    )
+                    for (k, q), low, zp in zip(watched, lows.tolist(), zero)
                 ],
                 dtype=torch.float64,
             )
-        for (_, quantizer), alpha, low in zip(watched, alphas.tolist(), lows.tolist()):
-            quantizer.set_range(alpha if alpha > 0 else 1.0, signed=low < 0.0)
+        for (_, quantizer), alpha, low, zp in zip(watched, alphas.tolist(), lows.tolist(), zero):
+            alpha = alpha if alpha > 0 else 1.0
+            share = zero_point_share(low, alpha) if zp else 0.0
+            quantizer.set_range(alpha, signed=low < 0.0 and not zp, negative_share=share)
             quantizer.observer = None
         self._quantizers.clear()
         self._names.clear()

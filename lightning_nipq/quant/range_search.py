@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_nipq.quant.codes import num_levels
-from lightning_nipq.quant.fake_quant import integer_codes
+from lightning_nipq.quant.codes import MAX_NEGATIVE_SHARE, num_levels
+from lightning_nipq.quant.fake_quant import code_grid, integer_codes, zero_point
 from lightning_nipq.quant.granularity import Granularity, RangeShape, grouped_view, range_rows
 
 #: Starting ranges at or below this are treated as empty (see `usable_weight_range`).
@@ -52,25 +52,50 @@ def quantization_mse(x: Tensor, alphas: Tensor, bits: int, signed: bool) -> Tens
     return total / max(flat.numel(), 1)
 
 
-def row_quantization_mse(rows: Tensor, alphas: Tensor, bits: int, signed: bool) -> Tensor:
-    """Mean squared error of fake-quantizing each row of ``rows`` at its own range ``alphas[i]``: one value per row."""
+def row_quantization_mse(
+    rows: Tensor, alphas: Tensor, bits: int, signed: bool, zero_points: Optional[Tensor] = None
+) -> Tensor:
+    """Mean squared error of fake-quantizing each row of ``rows`` at its own range ``alphas[i]``: one value per row.
+
+    ``zero_points`` (one per row, unsigned codes only) gives each row's codes that zero point.
+    """
     b = torch.tensor(float(bits), device=rows.device)
     alphas = alphas.reshape(-1, 1).to(rows.device, torch.float32)
-    error = integer_codes(rows, alphas, b, signed) * (alphas / num_levels(b, signed)) - rows
+    zp = None if zero_points is None else zero_points.reshape(-1, 1).to(rows.device, torch.float32)
+    top = code_grid(b, signed, zp)[1]
+    error = integer_codes(rows, alphas, b, signed, zp) * (alphas / top) - rows
     return error.square().mean(dim=1, dtype=torch.float64)
 
 
-def mse_ranges(rows: Tensor, bits: int, signed: bool, grid: int = MSE_GRID) -> Tensor:
+def negative_share(negative: Tensor, alpha: Tensor) -> Tensor:
+    """The share ``f = negative / (alpha + negative)`` of a range ``[-negative, alpha]`` below zero, at most `MAX_NEGATIVE_SHARE`.
+
+    What a zero-point quantizer keeps (see `lightning_nipq.quant.fake_quant.zero_point`).
+    """
+    return (negative / (alpha + negative)).clamp(0.0, MAX_NEGATIVE_SHARE)
+
+
+def mse_ranges(rows: Tensor, bits: int, signed: bool, grid: int = MSE_GRID, negative: Optional[Tensor] = None) -> Tensor:
     """Per row of ``rows`` (one row per range), the range minimising the quantization MSE of that row.
 
     ``grid`` clipping ratios of the row's ``max|x|``, then as many around the best. Never worse
     than min-max: the ratio 1 is among the candidates. An all-zero row gets ``1e-8``.
+
+    ``negative`` (one value >= 0 per row) searches zero-point codes instead (``signed`` must be
+    False): each candidate top ``alpha`` gets the zero point that puts the bottom of its range
+    at ``-negative`` (`negative_share`), so only the top is clipped.
     """
     rows = rows.detach().float()
     top = rows.abs().amax(dim=1) if rows.shape[1] else torch.zeros(rows.shape[0], device=rows.device)
+    b = torch.tensor(float(bits), device=rows.device)
+    below = None if negative is None else torch.as_tensor(negative, dtype=torch.float32, device=rows.device).reshape(-1)
+
+    def errors_at(alphas: Tensor) -> Tensor:
+        zero_points = None if below is None else zero_point(b, negative_share(below, alphas))
+        return row_quantization_mse(rows, alphas, bits, signed, zero_points)
 
     def best_of(ratios: Tensor) -> Tensor:  # ratios: (candidates, rows)
-        errors = torch.stack([row_quantization_mse(rows, (r * top).clamp_min(1e-8), bits, signed) for r in ratios])
+        errors = torch.stack([errors_at((r * top).clamp_min(1e-8)) for r in ratios])
         return ratios.gather(0, errors.argmin(dim=0, keepdim=True)).squeeze(0)
 
     coarse = torch.linspace(1.0 / grid, 1.0, grid, device=rows.device).unsqueeze(1).expand(grid, rows.shape[0])
@@ -82,9 +107,13 @@ def mse_ranges(rows: Tensor, bits: int, signed: bool, grid: int = MSE_GRID) -> T
     return torch.where(top > 0, best_of(fine) * top, torch.full_like(top, 1e-8))
 
 
-def mse_alpha(x: Tensor, bits: int, signed: bool, grid: int = MSE_GRID) -> float:
-    """The range minimising the quantization MSE of the whole of ``x`` (`mse_ranges` with one row)."""
-    return float(mse_ranges(x.detach().reshape(1, -1), bits, signed, grid)[0])
+def mse_alpha(x: Tensor, bits: int, signed: bool, grid: int = MSE_GRID, negative: Optional[float] = None) -> float:
+    """The range minimising the quantization MSE of the whole of ``x`` (`mse_ranges` with one row).
+
+    ``negative``: search zero-point codes whose range reaches down to ``-negative`` (see `mse_ranges`).
+    """
+    below = None if negative is None else torch.tensor([float(negative)])
+    return float(mse_ranges(x.detach().reshape(1, -1), bits, signed, grid, below)[0])
 
 
 def row_ranges(rows: Tensor, bits: int, signed: bool, method: str = "minmax", percentile: float = 99.99) -> Tensor:

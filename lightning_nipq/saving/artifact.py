@@ -11,13 +11,18 @@ Layout of the file written by `save_quantized`:
   float32 steps, in the layer's range shape.
 * the header metadata key ``"lightning_nipq"``: a JSON manifest with the format name and
   version, the model class, one entry per integer layer (name, kind, weight shape, bits,
-  granularity, input bits and sign, the exact float32 scale of a per-tensor weight and the
-  input alpha) and a sha256 checksum.
+  granularity, input bits and sign, the exact float32 scale of a per-tensor weight, the
+  input alpha and the input zero point), the BatchNorms folded into an integer layer
+  (``folded_batchnorms``: name, the layer it went into, its type and width, whether folding
+  made the layer's bias; absent when none is) and a sha256 checksum.
 
 A single scale or alpha lives in the manifest rather than as a tensor: as a JSON number it
 round-trips a float32 exactly, it costs no safetensors header entry, and the checksum
 covers the manifest too. Many steps (per channel or group) are a tensor. Nothing is ever
-unpickled. Version 1 files (every layer per tensor, no ``weight_granularity``) still load.
+unpickled. Version 1 files (every layer per tensor, no ``weight_granularity``) still load, and
+so do entries without ``input_zero_point`` (written before zero points existed: 0). A
+folded BatchNorm stores no tensor: loading replaces the fresh model's BatchNorm by a
+`lightning_nipq.layers.folded_batchnorm.FoldedBatchNorm` before the state is loaded.
 
 The checksum catches accidents, not edits (anyone can recompute it), so reading checks
 every value of the manifest and header against the format before using it, and loading
@@ -42,10 +47,21 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.layers.attach import disable_transformer_fast_path
+from lightning_nipq.layers.folded_batchnorm import (
+    FOLDABLE_TYPES,
+    FOLDED_FORMAT,
+    FoldedBatchNorm,
+    FoldSettings,
+    check_folded_state,
+    folded_batchnorms,
+    give_zero_bias,
+    replace_everywhere,
+)
 from lightning_nipq.layers.forms import (
     INTEGER_STATE_KEYS,
     IntegerLayerMixin,
     LayerKind,
+    check_input_zero_point,
     check_integer_state,
     check_steps,
     is_integer,
@@ -66,6 +82,8 @@ PACKED_SUFFIX = "weight_codes.packed"
 SCALES_SUFFIX = "weight_scale.ranges"
 #: Keys the manifest's layers own: never loaded as plain state.
 _LAYER_SUFFIXES = (PACKED_SUFFIX, SCALES_SUFFIX)
+#: The manifest entry listing the BatchNorms folded into integer layers.
+FOLDED_KEY = "folded_batchnorms"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -132,6 +150,21 @@ def _layer_entry(names: list[str], layer: IntegerLayerMixin) -> dict[str, Any]:
         "weight_scale": float(layer.weight_scale) if per_tensor else None,
         "weight_alpha": float(layer.weight_scale) * n_w if per_tensor else None,
         "input_alpha": float(layer.input_alpha),
+        # Unsigned input codes q stand for (q - input_zero_point) * input_alpha / (2**input_bits - 1 - input_zero_point).
+        "input_zero_point": layer.input_zero_point,
+    }
+    if len(names) > 1:
+        entry["aliases"] = names[1:]
+    return entry
+
+
+def _fold_entry(names: list[str], module: FoldedBatchNorm) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": names[0],
+        "into": module.into,
+        "type": module.batchnorm_type,
+        "num_features": module.num_features,
+        "created_bias": module.created_bias,
     }
     if len(names) > 1:
         entry["aliases"] = names[1:]
@@ -176,6 +209,10 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
         if layer.weight_granularity != "tensor":
             tensors[_prefix(names[0]) + SCALES_SUFFIX] = layer.weight_scale.detach().float().cpu().contiguous()
         entries.append(_layer_entry(names, layer))
+    folds = folded_batchnorms(model)
+    for names, _ in folds:
+        for name in names:
+            state.pop(_prefix(name) + "_extra_state", None)  # the manifest says it, as JSON
     aliases: dict[str, str] = {}
     stored_by_memory: dict[tuple[Any, ...], str] = {}
     storages: set[int] = set()
@@ -202,6 +239,8 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
         "layers": entries,
         "tensor_aliases": aliases,
     }
+    if folds:
+        manifest[FOLDED_KEY] = [_fold_entry(names, module) for names, module in folds]
     manifest["checksum"] = _checksum(manifest, tensors)
     metadata = {METADATA_KEY: json.dumps(manifest, separators=(",", ":"))}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +323,7 @@ class _Layer:
     weight_scale: Optional[float]  # None: per channel or group, the steps are the tensor at scales_key
     input_alpha: float
     weight_granularity: Any = "tensor"
+    input_zero_point: int = 0
 
     @property
     def packed_key(self) -> str:
@@ -299,6 +339,14 @@ class _Layer:
 
 
 @dataclass(frozen=True)
+class _Fold:
+    """One checked entry of ``folded_batchnorms``: the BatchNorm's names, and the fold's settings."""
+
+    names: tuple[str, ...]
+    settings: FoldSettings
+
+
+@dataclass(frozen=True)
 class _Manifest:
     """A checked manifest: ``raw`` as stored, the rest checked and normalised."""
 
@@ -306,6 +354,7 @@ class _Manifest:
     model_class: str
     layers: tuple[_Layer, ...]
     tensor_aliases: dict[str, str]
+    folds: tuple[_Fold, ...] = ()
 
 
 def _parse_manifest(path: Path, metadata: Optional[dict[str, str]]) -> dict[str, Any]:
@@ -390,8 +439,12 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
     settings = {key: value(key) for key in ("weight_bits", "input_bits", "input_signed", "input_numel")}
     if "weight_granularity" in entry:  # absent in version 1: every layer per tensor
         settings["weight_granularity"] = entry["weight_granularity"]
+    if "input_zero_point" in entry:  # absent before zero points: none
+        settings["input_zero_point"] = entry["input_zero_point"]
     try:
-        weight_bits, input_bits, input_signed, input_numel, granularity = check_integer_state(settings, where=f"{field}.")
+        checked = check_integer_state(settings, where=f"{field}.")
+        input_zero_point = check_input_zero_point(settings, checked, where=f"{field}.")
+        weight_bits, input_bits, input_signed, input_numel, granularity = checked
     except ValueError as e:
         raise ArtifactError(f"{path}: {e}; the file was damaged or edited after it was written: {_FIX}") from None
 
@@ -443,6 +496,7 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
         weight_scale=weight_scale,
         input_alpha=input_alpha,
         weight_granularity=granularity,
+        input_zero_point=input_zero_point,
     )
 
 
@@ -498,7 +552,59 @@ def _check_manifest(path: Path, manifest: dict[str, Any], stored: Mapping[str, _
         if key in reserved:
             problem = f"is part of the integer layer of {reserved[key]}, whose state the manifest gives"
             raise _damaged(path, f"tensor {_shown(key)}", problem)
-    return _Manifest(raw=manifest, model_class=model_class, layers=tuple(layers), tensor_aliases=aliases)
+    folds = _check_folds(path, manifest.get(FOLDED_KEY, []), layers, owner, stored, aliases)
+    return _Manifest(raw=manifest, model_class=model_class, layers=tuple(layers), tensor_aliases=aliases, folds=folds)
+
+
+def _check_folds(
+    path: Path,
+    entries: Any,
+    layers: list[_Layer],
+    owner: dict[str, str],
+    stored: Mapping[str, _Stored],
+    aliases: dict[str, str],
+) -> tuple[_Fold, ...]:
+    """``folded_batchnorms``: each BatchNorm named once, folded into one integer layer of its width, storing nothing itself."""
+    if not isinstance(entries, list):
+        raise _damaged(path, FOLDED_KEY, f"must be a list of folded BatchNorms, got {_shown(entries)}")
+    by_name = {name: layer for layer in layers for name in layer.names}
+    folded_into: dict[int, str] = {}
+    folds = []
+    for index, entry in enumerate(entries):
+        field = f"{FOLDED_KEY}[{index}]"
+        if not isinstance(entry, dict):
+            raise _damaged(path, field, f"must be an object, got {type(entry).__name__}")
+        name, names = entry.get("name"), entry.get("aliases", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in [name, *names]):
+            raise _damaged(path, field, f"must name the BatchNorm (and its aliases) by non-empty module names, got {_shown(entry)}")
+        try:
+            settings = check_folded_state({**entry, "format": FOLDED_FORMAT}, where=f"{field}.")
+        except ValueError as e:
+            raise ArtifactError(f"{path}: {e}; the file was damaged or edited after it was written: {_FIX}") from None
+        layer = by_name.get(settings.into)
+        if layer is None:
+            raise _damaged(path, f"{field}.into", f"must name an integer layer of layers, got {_shown(settings.into)}")
+        if id(layer) in folded_into:
+            raise _damaged(path, f"{field}.into", f"{settings.into!r} already takes {folded_into[id(layer)]}: one BatchNorm per layer")
+        folded_into[id(layer)] = field
+        channels = layer.weight_shape[layer.kind.output_axis]
+        if settings.num_features != channels:
+            raise _damaged(path, f"{field}.num_features", f"is {settings.num_features}, but {settings.into!r} has {channels} output channels")
+        if settings.created_bias:
+            key = _prefix(layer.names[0]) + "bias"
+            bias = stored.get(aliases.get(key, key))
+            if bias is None or bias.shape != (channels,):
+                raise _damaged(path, f"{field}.created_bias", f"says folding made the bias {key!r}, which the file lacks")
+        for position, module_name in enumerate([name, *names]):
+            where = f"{field}.name" if position == 0 else f"{field}.aliases[{position - 1}]"
+            if module_name in owner:
+                raise _damaged(path, where, f"{module_name!r} is already named by {owner[module_name]}: each module is listed once")
+            owner[module_name] = where
+            inside = [key for key in [*stored, *aliases] if key.startswith(_prefix(module_name))]
+            if inside:
+                raise _damaged(path, where, f"is a folded BatchNorm, which stores no tensor, but the file has {_shown(inside)}")
+        folds.append(_Fold(names=(name, *names), settings=settings))
+    return tuple(folds)
 
 
 def _read(path: Path) -> tuple[_Manifest, dict[str, Tensor]]:
@@ -563,13 +669,37 @@ def _architecture_problems(manifest: _Manifest, tensors: dict[str, Tensor], mode
             else:
                 continue
             reported.append(_prefix(name))
+    # A folded BatchNorm's state is not in the artifact, and a bias its fold made is, though the fresh layer has none.
+    made_biases: dict[str, Tensor] = {}
+    for fold in manifest.folds:
+        settings = fold.settings
+        for name in fold.names:
+            reported.append(_prefix(name))
+            module = modules.get(name)
+            if module is None:
+                missing.append(name)
+            elif isinstance(module, FoldedBatchNorm):
+                wrong_type.append(f"{name} (already folded: pass a fresh float model)")
+            elif type(module) is not FOLDABLE_TYPES[settings.batchnorm_type]:
+                wrong_type.append(f"{name} ({settings.batchnorm_type} in the artifact, {type(module).__name__} in the model)")
+            elif module.num_features != settings.num_features:
+                wrong_shape.append(f"{name} ({settings.num_features} features in the artifact, {module.num_features} in the model)")
+            elif sorted(names_of[id(module)]) != sorted(fold.names):
+                in_model = ", ".join(names_of[id(module)])
+                shared.append(f"{name} ({', '.join(fold.names)} in the artifact, {in_model} in the model)")
+        layer = modules.get(settings.into)
+        if settings.created_bias and layer is not None and getattr(layer, "bias", None) is not None:
+            wrong_type.append(f"{settings.into} (built without a bias in the artifact, with one in the model)")
+        elif settings.created_bias:
+            owner = next(entry for entry in manifest.layers if settings.into in entry.names)
+            made_biases.update({_prefix(n) + "bias": torch.empty(settings.num_features, device="meta") for n in owner.names})
     for key, tensor in tensors.items():
         if not key.endswith(_LAYER_SUFFIXES):
             expected[key] = tuple(tensor.shape)
     for alias, target in manifest.tensor_aliases.items():
         expected[alias] = tuple(tensors[target].shape)
     skip = tuple(reported)
-    model_state = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+    model_state = {k: v for k, v in {**model.state_dict(), **made_biases}.items() if not (skip and k.startswith(skip))}
     expected = {k: v for k, v in expected.items() if not (skip and k.startswith(skip))}
     absent = sorted(k for k in expected if k not in model_state)
     extra = sorted(k for k in model_state if k not in expected)
@@ -626,8 +756,9 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
 
     ``model`` must be the same architecture built afresh (plain ``nn.Linear``/``nn.Conv``
     layers, no quantizers). Its quantized layers become integer layers holding the stored
-    codes, every other tensor is loaded, and the model is put in eval mode and returned;
-    its outputs equal those of the saved model bit for bit.
+    codes, its BatchNorms that were folded into them become ``FoldedBatchNorm`` modules,
+    every other tensor is loaded, and the model is put in eval mode and returned; its
+    outputs equal those of the saved model bit for bit.
 
     Raises:
         ArtifactError: the file is missing, truncated, corrupted (checksum), of an unknown
@@ -662,10 +793,18 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
                 input_bits=layer.input_bits,
                 input_signed=layer.input_signed,
                 input_numel=layer.input_numel,
+                input_zero_point=layer.input_zero_point,
             )
             integer_state = {k: v for k, v in module.state_dict().items() if k in INTEGER_STATE_KEYS}
             for name in layer.names:
                 full_state.update({_prefix(name) + k: v for k, v in integer_state.items()})
+        for fold in manifest.folds:
+            into = fold.settings.into
+            folded = FoldedBatchNorm.replacing(modules[fold.names[0]], into, fold.settings.created_bias)
+            replace_everywhere(model, modules[fold.names[0]], folded)
+            if fold.settings.created_bias:
+                give_zero_bias(modules[into])  # filled by the stored bias
+            full_state.update({_prefix(name) + "_extra_state": folded.get_extra_state() for name in fold.names})
         disable_transformer_fast_path(model)
         model.load_state_dict(full_state, strict=True)
     except BaseException as e:

@@ -7,7 +7,10 @@ quantizes its input; one with ``X.weight_codes`` is an integer layer (its bits i
 ``X._extra_state``). So `prepare_for_state_dict` can give a fresh float model, or one in
 another state (say, converted to integers after training), exactly the structure the state
 dict needs, with quantizers rebuilt from their saved settings, never from defaults.
-``load_state_dict`` then fills it. Lightning checkpoints also carry a readable manifest
+``load_state_dict`` then fills it. A BatchNorm folded into the integer layer before it
+(`lightning_nipq.layers.folded_batchnorm`) is saved as ``X._extra_state`` in the fold format,
+naming that layer, so the BatchNorm of a fresh model is replaced before loading too (and
+built back for a state dict that does not fold it). Lightning checkpoints also carry a readable manifest
 under ``checkpoint["nipq"]``, which is checked for its format version and holds a digest of
 the quantization state (`quantization_state_digest`), checked before anything is loaded.
 
@@ -31,6 +34,17 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.layers.attach import disable_transformer_fast_path
+from lightning_nipq.layers.folded_batchnorm import (
+    FoldedBatchNorm,
+    FoldSettings,
+    check_fold_target,
+    check_folded_state,
+    folded_batchnorms,
+    give_zero_bias,
+    is_folded_state,
+    remove_bias,
+    replace_everywhere,
+)
 from lightning_nipq.layers.forms import LayerKind, check_saved_integer_layer, check_saved_quantizer
 from lightning_nipq.layers.layer_kinds import describe_layer, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers
@@ -45,6 +59,9 @@ MANIFEST_VERSION = 2
 DIGEST_KEY = "state_sha256"
 _WEIGHT_STATE = ".weight_quantizer._extra_state"
 _CODES = ".weight_codes"
+_EXTRA_STATE = "._extra_state"
+#: The manifest entry listing the folded BatchNorms (``name``, ``into``, and ``aliases`` if shared).
+FOLDED_KEY = "folded_batchnorms"
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -76,13 +93,54 @@ def _saved_forms(state_dict: Mapping[str, Any]) -> dict[str, str]:
     return forms
 
 
+def _saved_folds(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``name -> saved state`` of the folded BatchNorms of a state dict (extra states in the fold format)."""
+    folds: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        name = _layer_name(key, _EXTRA_STATE)
+        if name is not None and is_folded_state(value):
+            folds[name] = value
+    return folds
+
+
+def _check_saved_folds(state_dict: Mapping[str, Any], problems: list[str]) -> dict[str, FoldSettings]:
+    """The checked settings of every folded BatchNorm of a state dict; what is wrong goes to ``problems``.
+
+    A fold must name a layer the state dict holds as integer, hold nothing but its extra
+    state, and, if folding made the layer's bias, come with that bias of its width.
+    """
+    forms = _saved_forms(state_dict)
+    folds: dict[str, FoldSettings] = {}
+    for name, value in _saved_folds(state_dict).items():
+        key = _prefixed(name, _EXTRA_STATE)
+        try:
+            settings = check_folded_state(value, where=f"{key}: ")
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        bias = state_dict.get(_prefixed(settings.into, ".bias"))
+        others = [k for k in state_dict if k != key and k.startswith(f"{name}.")]
+        if not name:
+            problems.append("the model itself is saved as a folded BatchNorm, which only a submodule can be")
+        elif forms.get(settings.into) != "integer":
+            problems.append(f"{key}: folded into {settings.into!r}, which the state dict does not hold as an integer layer")
+        elif others:
+            problems.append(f"{key}: a folded BatchNorm holds no other state, but the state dict has {others[:3]}")
+        elif settings.created_bias and not (isinstance(bias, Tensor) and tuple(bias.shape) == (settings.num_features,)):
+            problems.append(f"{key}: folding gave {settings.into!r} a bias of {settings.num_features} values, which the state dict lacks")
+        else:
+            folds[name] = settings
+    return folds
+
+
 def check_saved_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Check every quantized and integer layer a state dict holds, without a model; ``name -> what to build``.
 
     For a fake-quantized layer, its quantizers rebuilt from their saved ``_extra_state``
     (``(weight quantizer, input quantizer or None)``), their parameters checked; for an
     integer layer, its checked ``(weight_bits, input_bits, input_signed, input_numel, weight_granularity)``, its
-    codes and scales checked.
+    codes and scales checked. Folded BatchNorms are checked too (their settings are read by
+    `prepare_for_state_dict`).
 
     Raises:
         CheckpointMismatchError: naming each invalid entry, its problem and the fix.
@@ -99,6 +157,7 @@ def check_saved_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
                 built[name] = check_saved_integer_layer(state_dict, prefix)
         except (ValueError, TypeError, AttributeError) as e:
             problems.append(str(e))
+    _check_saved_folds(state_dict, problems)
     if problems:
         raise CheckpointMismatchError(
             "the checkpoint's quantization state is invalid: " + "; ".join(problems) + ". " + DAMAGED_STATE_FIX + "."
@@ -143,17 +202,29 @@ def _range_shape_problem(
 def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
     """Give every quantizable layer of ``model`` the form (float, fake-quantized, integer) ``state_dict`` has.
 
-    Quantizers are rebuilt from the method and settings saved in their ``_extra_state``.
+    Quantizers are rebuilt from the method and settings saved in their ``_extra_state``. A
+    BatchNorm the state dict holds as folded is replaced by a
+    `lightning_nipq.layers.folded_batchnorm.FoldedBatchNorm` (and the layer it went into is
+    given the bias folding made, if it had none); a ``FoldedBatchNorm`` of the model that the
+    state dict does not fold becomes a BatchNorm again.
 
     Raises:
         CheckpointMismatchError: a saved quantizer or integer layer state is invalid
             (`check_saved_state`), or a layer of the state dict is missing from the model, is
-            not a quantizable layer, or has another weight shape (all checked before anything
-            is changed).
+            not a quantizable layer, or has another weight shape, or a folded BatchNorm does not
+            fit the model's module (all checked before anything is changed).
     """
     built = check_saved_state(state_dict)
     modules = dict(model.named_modules(remove_duplicate=False))
     problems: list[str] = []
+    folds = _check_saved_folds(state_dict, problems)
+    for name, settings in folds.items():
+        if name not in modules:
+            problems.append(f"{name}: no such module in {type(model).__name__}")
+            continue
+        problem = check_fold_target(modules[name], settings, modules.get(settings.into))
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
     # name -> (kind, form, new quantizers or integer settings), built before any layer changes.
     plan: dict[str, tuple[LayerKind, str, Any]] = {}
     for name, form in _saved_forms(state_dict).items():
@@ -216,7 +287,29 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
                 input_numel=input_numel,
                 weight_granularity=granularity,
             )
+    _prepare_folds(model, state_dict, modules, folds)
     disable_transformer_fast_path(model)
+
+
+def _prepare_folds(model: nn.Module, state_dict: Mapping[str, Any], modules: dict[str, nn.Module], folds: dict[str, FoldSettings]) -> None:
+    """Fold the BatchNorms ``folds`` names (checked), and build back those the model folds and the state dict does not."""
+    for names, folded in folded_batchnorms(model):
+        if any(name in folds for name in names):
+            continue
+        layer = modules.get(folded.into)
+        tensors = [*layer.parameters(), *layer.buffers()] if layer is not None else []
+        device = tensors[0].device if tensors else None
+        replace_everywhere(model, folded, folded.to_batchnorm(device))
+        if folded.created_bias and layer is not None and _prefixed(folded.into, ".bias") not in state_dict:
+            remove_bias(layer)
+    for name, settings in folds.items():
+        bn = modules[name]
+        if isinstance(bn, FoldedBatchNorm) or model.get_submodule(name) is not bn:
+            continue  # folded already, or under another of its names just now
+        layer = modules[settings.into]
+        replace_everywhere(model, bn, FoldedBatchNorm.replacing(bn, settings.into, settings.created_bias))
+        if settings.created_bias and layer.bias is None:
+            give_zero_bias(layer)
 
 
 def quantization_manifest(model: nn.Module, **extra: Any) -> dict[str, Any]:
@@ -236,9 +329,20 @@ def quantization_manifest(model: nn.Module, **extra: Any) -> dict[str, Any]:
             entry["input"] = None if iq is None else _quantizer_entry(iq)
         else:
             entry["weight"] = {"bits": module.weight_bits}
-            entry["input"] = None if module.input_bits is None else {"bits": module.input_bits, "signed": module.input_signed}
+            entry["input"] = None if module.input_bits is None else {
+                "bits": module.input_bits,
+                "signed": module.input_signed,
+                "zero_point": module.input_zero_point,
+            }
         layers.append(entry)
-    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "layers": layers, **extra}
+    manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "layers": layers}
+    folds = [
+        {"name": names[0], "into": module.into, **({"aliases": names[1:]} if len(names) > 1 else {})}
+        for names, module in folded_batchnorms(model)
+    ]
+    if folds:
+        manifest[FOLDED_KEY] = folds
+    return {**manifest, **extra}
 
 
 def seal_manifest(checkpoint: dict[str, Any]) -> None:
@@ -267,7 +371,7 @@ def _quantization_entries(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     entries: dict[str, Any] = {}
     for key, value in state_dict.items():
         parts = key.split(".")
-        if "" in layers or any(".".join(parts[:i]) in layers for i in range(1, len(parts))):
+        if "" in layers or any(".".join(parts[:i]) in layers for i in range(1, len(parts))) or is_folded_state(value):
             entries[key] = value
     return entries
 
@@ -313,6 +417,8 @@ def check_manifest(checkpoint: Mapping[str, Any]) -> None:
             f"the checkpoint was written with manifest version {manifest['version']}, newer than this "
             f"lightning-nipq reads ({MANIFEST_VERSION}); upgrade lightning-nipq"
         )
+    if FOLDED_KEY in manifest:
+        _check_manifest_folds(manifest[FOLDED_KEY], checkpoint.get("state_dict"))
     expected = manifest.get(DIGEST_KEY)
     if expected is None:
         return  # written before digests, or by hand
@@ -325,6 +431,28 @@ def check_manifest(checkpoint: Mapping[str, Any]) -> None:
             "on_save_checkpoint hook that replaced checkpoint['state_dict'] after lightning-nipq's callbacks, such as "
             "WeightAveraging), store the new digest: "
             f"checkpoint['{MANIFEST_KEY}']['{DIGEST_KEY}'] = quantization_state_digest(checkpoint['state_dict'])."
+        )
+
+
+def _check_manifest_folds(entries: Any, state_dict: Any) -> None:
+    """The manifest's list of folded BatchNorms must be well formed and name exactly the folds of the state dict."""
+    field = f"checkpoint['{MANIFEST_KEY}']['{FOLDED_KEY}']"
+    listed: dict[str, Any] = {}
+    if not isinstance(entries, list):
+        raise CheckpointMismatchError(f"{field} must be a list of folded BatchNorms, got {type(entries).__name__}")
+    for index, entry in enumerate(entries):
+        aliases = entry.get("aliases", []) if isinstance(entry, Mapping) else None
+        names = [entry.get("name"), *aliases] if isinstance(aliases, list) else [None]
+        if not (all(isinstance(n, str) for n in names) and isinstance(entry.get("into"), str)):
+            raise CheckpointMismatchError(
+                f"{field}[{index}] must be an object with a module name, the layer it went into, and optional aliases"
+            )
+        listed.update({name: entry["into"] for name in names})
+    saved = {name: value.get("into") for name, value in _saved_folds(state_dict).items()} if isinstance(state_dict, Mapping) else {}
+    if listed != saved:
+        raise CheckpointMismatchError(
+            f"{field} lists {sorted(listed.items())[:5]} but the state dict folds {sorted(saved.items())[:5]}: the "
+            "checkpoint was modified or damaged after it was written. Load an intact copy."
         )
 
 

@@ -14,6 +14,8 @@ one with ranges per group of inputs dequantizes per block (a ``(C_out, K / g)`` 
 The Clip bounds the input to the learned range ``[-alpha, alpha]`` (signed) or ``[0, alpha]``
 (unsigned), so the codes QuantizeLinear produces stay within ``[-n, n]`` or ``[0, n]``, the
 learned bit width, even though the ONNX type (int8/uint8, int16/uint16 above 8 bits) is wider.
+An input with a zero point ``z`` quantizes with a uint8 (uint16) zero point ``z`` and the step
+``alpha / (2**b - 1 - z)``, after a Clip to ``[-z * step, alpha]``: its codes stay in ``[0, 2**b - 1]``.
 A layer whose input stays float (usually the first) keeps only the weight DequantizeLinear.
 
 Export uses torch's ``torch.export``-based exporter (``dynamo=True``, the default since torch
@@ -68,13 +70,13 @@ def _register_ops() -> None:
         return
 
     @torch.library.custom_op("lightning_nipq::quantize_dequantize", mutates_args=())
-    def quantize_dequantize(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
-        # QuantizeLinear then DequantizeLinear with zero point 0, with ONNX's semantics.
+    def quantize_dequantize(x: Tensor, scale: Tensor, bits: int, signed: bool, zero_point: int) -> Tensor:
+        # QuantizeLinear then DequantizeLinear with this zero point, with ONNX's semantics.
         lo, hi = _code_range(bits, signed)
-        return torch.clamp(torch.round(x / scale), lo, hi) * scale
+        return (torch.clamp(torch.round(x / scale) + zero_point, lo, hi) - zero_point) * scale
 
     @quantize_dequantize.register_fake
-    def _(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
+    def _(x: Tensor, scale: Tensor, bits: int, signed: bool, zero_point: int) -> Tensor:
         return torch.empty_like(x)
 
     @torch.library.custom_op("lightning_nipq::dequantize", mutates_args=())
@@ -117,7 +119,8 @@ def _translation_table(opset: int) -> dict[Callable[..., Any], Callable[..., Any
 
     op = Opset("", opset)
 
-    def zero_point(bits: int, signed: bool) -> Any:
+    def zero_point_constant(bits: int, signed: bool, value: int) -> Any:
+        # The zero point's type is the codes' type: uint8 (uint16) for unsigned codes, whose zero point may be nonzero.
         narrow = bits <= 8
         dtype = {
             (True, True): ir.DataType.INT8,
@@ -125,10 +128,10 @@ def _translation_table(opset: int) -> dict[Callable[..., Any], Callable[..., Any
             (False, True): ir.DataType.INT16,
             (False, False): ir.DataType.UINT16,
         }[(narrow, signed)]
-        return op.Constant(value=ir.tensor(0, dtype=dtype))
+        return op.Constant(value=ir.tensor(value, dtype=dtype))
 
-    def quantize_dequantize_onnx(x: Any, scale: Any, bits: int, signed: bool) -> Any:
-        zp = zero_point(bits, signed)
+    def quantize_dequantize_onnx(x: Any, scale: Any, bits: int, signed: bool, zero_point: int) -> Any:
+        zp = zero_point_constant(bits, signed, zero_point)
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), scale, zp)
 
     def dequantize_onnx(codes: Any, scale: Any, axis: int, block_size: int) -> Any:
@@ -145,9 +148,9 @@ def _translation_table(opset: int) -> dict[Callable[..., Any], Callable[..., Any
 class _OnnxLayerMixin:
     """The integer layer's maths written as QDQ ops, for export only: put before an integer form's class."""
 
-    # (clip low, clip high, input scale) as Python floats, set by ``_export_mode``: reading a
-    # buffer with float() inside the traced forward would be a data-dependent ``.item()``.
-    _onnx_input_range: Optional[tuple[float, float, float]]
+    # (clip low, clip high, input scale, zero point) as Python numbers, set by ``_export_mode``: reading
+    # a buffer with float() inside the traced forward would be a data-dependent ``.item()``.
+    _onnx_input_range: Optional[tuple[float, float, float, int]]
     weight_codes: Tensor
     weight_scale: Tensor
     bias: Optional[Tensor]
@@ -157,10 +160,10 @@ class _OnnxLayerMixin:
     def forward(self, input: Tensor) -> Tensor:
         x = input
         if self._onnx_input_range is not None:
-            low, high, scale = self._onnx_input_range
+            low, high, scale, zero_point = self._onnx_input_range
             x = torch.clamp(x, low, high)
             x = torch.ops.lightning_nipq.quantize_dequantize(
-                x, torch.tensor(scale, dtype=torch.float32), self.input_bits, self.input_signed
+                x, torch.tensor(scale, dtype=torch.float32), self.input_bits, self.input_signed, zero_point
             )
         scale, axis, block = _weight_steps(self)  # type: ignore[arg-type]
         weight = torch.ops.lightning_nipq.dequantize(self.weight_codes, scale, axis, block)
@@ -185,12 +188,18 @@ def _weight_steps(layer: IntegerLayerMixin) -> tuple[Tensor, int, int]:
     return scale.reshape(-1), axis, 0
 
 
-def _input_range(layer: IntegerLayerMixin) -> Optional[tuple[float, float, float]]:
+def _input_range(layer: IntegerLayerMixin) -> Optional[tuple[float, float, float, int]]:
     if layer.input_bits is None:
         return None
     alpha = float(layer.input_alpha)
     # The same float32 division as IntegerLayerMixin.input_scale, so the scale matches bit for bit.
-    return (-alpha if layer.input_signed else 0.0, alpha, float(layer.input_scale()))
+    scale = float(layer.input_scale())
+    zero_point = layer.input_zero_point
+    if zero_point:
+        # The bottom of the range is code 0, that is -z steps (in float32, as the layer's clamp computes it).
+        low = float(torch.tensor(-float(zero_point), dtype=torch.float32) * torch.tensor(scale, dtype=torch.float32))
+        return (low, alpha, scale, zero_point)
+    return (-alpha if layer.input_signed else 0.0, alpha, scale, 0)
 
 
 @contextlib.contextmanager
@@ -286,8 +295,12 @@ def export_onnx(
 #: onnxruntime rewrites a DequantizeLinear -> MatMul pair whose other input is float (a layer
 #: whose input stays float, on 3-d or larger input) into MatMulNBits, which by default
 #: (accuracy level 4) quantizes that float input to int8 and so changes the results; level 1
-#: computes it in float32, as the graph says.
-ORT_EXACT_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+#: computes it in float32, as the graph says. It also fuses DequantizeLinear -> Conv/Gemm ->
+#: QuantizeLinear (a layer whose output goes straight into the next layer's quantizer, as
+#: after a folded BatchNorm) into QLinearConv/QGemm, whose integer requantization and int32
+#: bias round otherwise than the graph, so that codes on a rounding boundary flip;
+#: ``session.disable_quant_qdq`` keeps the graph's own float ops.
+ORT_EXACT_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1", "session.disable_quant_qdq": "1"}
 
 
 def onnx_session(path: PathLike) -> Any:

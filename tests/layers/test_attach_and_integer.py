@@ -7,7 +7,7 @@ import torch
 from models import MLP, GroupedConvNet, TinyTransformer, blobs, image_blobs
 from torch import nn
 
-from lightning_nipq import attach_quantizers, hard_quantize
+from lightning_nipq import NIPQConfig, attach_quantizers, hard_quantize
 from lightning_nipq.layers import (
     IntegerLayerMixin,
     QuantizedLayerMixin,
@@ -124,7 +124,7 @@ def test_integer_layers_hold_codes_and_compute_exactly_in_integers():
     torch.manual_seed(0)
     layer = nn.Linear(300, 20)
     model = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), layer)
-    attach_quantizers(model)
+    attach_quantizers(model, NIPQConfig(weight_granularity="tensor"))  # one scale: per channel is in test_granularity_layers
     x = torch.randn(64, 8)
     calibrate_activations(model, [x], forward=lambda b: model(b))
     for _, q in quantizers(model):
@@ -173,14 +173,14 @@ def test_mse_weight_init_starts_at_the_least_rounding_error(bits):
     torch.manual_seed(0)
     weight = torch.randn(64, 32) * 0.1
     weight[0, 0] = 1.0  # one outlier: max|W| wastes most levels on it
-    by_max = NIPQConfig(weight_bits=bits).weight_quantizer(weight)
-    by_mse = NIPQConfig(weight_bits=bits, weight_init="mse").weight_quantizer(weight)
+    by_max = NIPQConfig(weight_bits=bits, weight_granularity="tensor").weight_quantizer(weight)
+    by_mse = NIPQConfig(weight_bits=bits, weight_init="mse", weight_granularity="tensor").weight_quantizer(weight)
     assert float(by_max.alpha) == pytest.approx(1.0, rel=1e-5)
     assert float(by_mse.alpha) == pytest.approx(choose_alpha(weight, bits, signed=True, method="mse"), rel=1e-5)
     errors = quantization_mse(weight, torch.tensor([float(by_max.alpha), float(by_mse.alpha)]), bits, signed=True)
     assert errors[1] < 0.5 * errors[0]
     # learned bits: the MSE range is taken at the rounded starting bit-width
-    learned = NIPQConfig(max_bits=4, init_bits=3.4, weight_init="mse").weight_quantizer(weight)
+    learned = NIPQConfig(max_bits=4, init_bits=3.4, weight_init="mse", weight_granularity="tensor").weight_quantizer(weight)
     assert float(learned.alpha) == pytest.approx(choose_alpha(weight, 3, signed=True, method="mse"), rel=1e-5)
 
 

@@ -41,7 +41,7 @@ def test_hard_outputs_lie_on_at_most_2_to_the_b_levels_per_channel_inside_each_c
 
 def test_per_channel_ranges_quantize_a_small_channel_that_per_tensor_ranges_flatten_to_zero():
     w = scaled_weight((6, 24))
-    per_tensor = NIPQConfig(weight_bits=3).weight_quantizer(w).eval()
+    per_tensor = NIPQConfig(weight_bits=3, weight_granularity="tensor").weight_quantizer(w).eval()
     per_channel = NIPQConfig(weight_bits=3, weight_granularity="channel").weight_quantizer(w, (6, 1)).eval()
     smallest = 0
     assert torch.unique(per_tensor(w)[smallest]).numel() <= 2  # per tensor the small channel is all but erased

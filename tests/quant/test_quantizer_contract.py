@@ -126,3 +126,31 @@ def test_conversion_to_integer_is_exact(method):
     assert type(layer) is kind.integer
     assert layer.weight_bits == weight_q.rounded_bits() and layer.input_bits == input_q.rounded_bits()
     assert torch.allclose(integer, fake, rtol=0, atol=1e-5 * float(fake.abs().max()))
+
+
+def test_a_zero_point_travels_with_the_state_and_converts_exactly(method):
+    make, _ = METHODS[method]
+    torch.manual_seed(0)
+    input_q = make()
+    input_q.configure(zero_point="auto")
+    input_q.set_range(1.2, signed=False, negative_share=0.25)
+    assert input_q.has_zero_point and int(input_q.zero_point_code()) == round(0.25 * (2 ** input_q.rounded_bits() - 1))
+    rebuilt = quantizer_from_state(input_q.state_dict()["_extra_state"])
+    rebuilt.load_state_dict(input_q.state_dict())
+    assert rebuilt.config() == input_q.config() and rebuilt.negative_share == 0.25 and rebuilt.zero_point == "auto"
+    x = torch.rand(200) * 2.0 - 0.6
+    assert torch.equal(rebuilt.eval()(x), input_q.eval()(x))
+    assert float(input_q(torch.zeros(1))) == 0.0
+    layer = nn.Linear(12, 5)
+    kind = kind_of(layer)
+    weight_q = type(make())(**{**make().config(), "signed": True})
+    weight_q.set_range(float(layer.weight.abs().max()) * 0.8, signed=True)
+    kind.install_quantizers(layer, weight_q, input_q)
+    layer.eval()
+    x = torch.rand(64, 12) * 1.5 - 0.4
+    with torch.no_grad():
+        fake = layer(x)
+        kind.to_integer(layer)
+        integer = layer(x)
+    assert layer.input_zero_point == int(input_q.zero_point_code()) > 0
+    assert torch.allclose(integer, fake, rtol=0, atol=1e-5 * float(fake.abs().max()))

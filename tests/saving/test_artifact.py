@@ -117,7 +117,13 @@ def test_manifest_and_atomic_write(tmp_path):
     stem = manifest["layers"][0]
     assert stem["name"] == "stem" and stem["kind"] == "Linear" and stem["weight_shape"] == [32, 16]
     assert stem["input_bits"] is None and manifest["layers"][1]["input_bits"] >= 2
-    assert float(model.head.weight_scale) == manifest["layers"][-1]["weight_scale"]  # exact in JSON
+    head = manifest["layers"][-1]
+    if head["weight_granularity"] == "tensor":
+        assert float(model.head.weight_scale) == head["weight_scale"]  # exact in JSON
+    else:  # per channel (the default): the steps are a float32 tensor beside the codes
+        assert head["weight_scale"] is None and head["weight_granularity"] == "channel"
+        with safe_open(str(path), "pt") as f:
+            assert torch.equal(f.get_tensor("head.weight_scale.ranges"), model.head.weight_scale)
 
 
 class Shared(nn.Module):

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_nipq import ArtifactError, attach_quantizers, hard_quantize, load_quantized, save_quantized
+from lightning_nipq import ArtifactError, NIPQConfig, attach_quantizers, hard_quantize, load_quantized, save_quantized
 from lightning_nipq.layers import IntegerLayerMixin, calibrate_activations, quantizers
 from lightning_nipq.layers.forms import LayerKind
 from lightning_nipq.saving import artifact_sizes, read_manifest
@@ -37,7 +37,7 @@ def integer_model(make: Callable[[], nn.Module], x: torch.Tensor) -> nn.Module:
     """``make()`` quantized, calibrated on ``x`` and converted, at mixed widths from 3 to 6 bits."""
     torch.manual_seed(0)
     model = make()
-    attach_quantizers(model)
+    attach_quantizers(model, NIPQConfig(weight_granularity="tensor"))  # one scale per layer, in the manifest
     calibrate_activations(model, list(x.split(16)), forward=lambda b: model(b))
     for index, (_, q) in enumerate(quantizers(model)):
         q.freeze_bits(max(q.lowest_bits, 3 + index % 4))
