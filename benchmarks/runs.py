@@ -169,12 +169,14 @@ def run_ptq(
     act_bits: Optional[int] = None,
     name: Optional[str] = None,
     reestimate_bn: bool = True,
+    **quantize_kwargs: Any,
 ) -> Result:
     """Post-training quantization at W``bits``A``act_bits``; BatchNorm re-estimated on the calibration batches.
 
     The calibration batches are the first ``calibration_batches`` training batches unless
     ``calibration`` (batches of inputs, or of inputs and labels) is given. With
     ``reestimate_bn=False`` BatchNorm keeps the float model's running statistics.
+    ``quantize_kwargs`` go to `post_training_quantize` (``weight_granularity``, ``exclude``, ...).
     """
     seed_everything(seed, verbose=False)
     model = copy.deepcopy(float_model)
@@ -182,7 +184,7 @@ def run_ptq(
     start = time.perf_counter()
     if calibration is None:
         calibration = _batches(data.train_dataloader(), calibration_batches)
-    post_training_quantize(model, calibration, weight_bits=bits, act_bits=act_bits, method=method)
+    post_training_quantize(model, calibration, weight_bits=bits, act_bits=act_bits, method=method, **quantize_kwargs)
     report = hard_quantize(
         model,
         bn_batches=calibration if reestimate_bn else None,

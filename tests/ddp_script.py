@@ -57,7 +57,7 @@ class Recorder(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._missing_grads = None  # stays None if no optimizer step looked
-        self._calibrating = any(not q.calibrated for _, q in quantizers(pl_module))
+        self._calibrating = any(not q.calibrated and not q.stays_float for _, q in quantizers(pl_module))
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # DDP without find_unused_parameters needs a gradient for every parameter at every step.
@@ -89,6 +89,7 @@ class Recorder(Callback):
                 "frozen_bits": q.frozen_bits,
                 "signed": q.signed,
                 "calibrated": q.calibrated,
+                "stays_float": q.stays_float,
                 "size": q.size,
             }
             for name, q in quantizers(pl_module)

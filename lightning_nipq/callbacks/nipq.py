@@ -437,7 +437,8 @@ class NIPQCallback(QuantizationAwareTraining):
             chosen = self.bit_budget.fit(pairs, fill=self.enforce_budget)
         for weight_q, input_q in pairs:
             for q in (weight_q, input_q):
-                if q is not None and q.learns_bits and q.calibrated:
+                # An input that stays float is frozen as it is: its bits are never used.
+                if q is not None and q.learns_bits and (q.calibrated or q.stays_float):
                     q.freeze_bits(chosen.get(id(q), q.rounded_bits()))
 
     # ------------------------------------------------------------------ state

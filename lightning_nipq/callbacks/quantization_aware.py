@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_nipq.callbacks.module_hooks import install_load_hook, remove_pending_seal, seal_when_saved
+from lightning_nipq.callbacks.module_hooks import install_load_hook, remove_pending_seal, seal_when_saved, wrap_method
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.layers.attach import attach_quantizers
 from lightning_nipq.layers.model_walk import check_patterns, quantized_layers, quantizers
@@ -113,6 +113,7 @@ class QuantizationAwareTraining(Callback):
         self._batch_idx = 0
         #: Undo functions of what was wrapped on the module, run at teardown.
         self._undo: list[Callable[[], None]] = []
+        self._stop_tracing: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------------ for subclasses
     def settings(self) -> dict[str, Any]:
@@ -160,7 +161,9 @@ class QuantizationAwareTraining(Callback):
             )
             self.skipped = result.skipped
             rank_zero_info(
-                f"{name}: quantizing {len(result.quantized)} layers (float input: {result.float_input})"
+                f"{name}: quantizing {len(result.quantized)} layers (float input: "
+                + ("the layers fed the model's own input, seen on the first batch" if result.float_input_by_data_flow else str(result.float_input))
+                + ")"
                 + (f"; left in float: {[n for n, _ in result.skipped]}" if result.skipped else "")
             )
         self._named_layers = list(quantized_layers(pl_module))
@@ -201,7 +204,7 @@ class QuantizationAwareTraining(Callback):
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for line in split_quantizer_params(trainer.optimizers, params, self.quantizer_lr_factor, schedulers):
             log.info("%s: %s", type(self).__name__, line)
-        uncalibrated = [(name, q) for name, q in quantizers(pl_module) if not q.calibrated]
+        uncalibrated = [(name, q) for name, q in quantizers(pl_module) if not q.calibrated and not q.stays_float]
         self._observer = None
         self._calibrating = [q for _, q in uncalibrated]
         if uncalibrated:
@@ -209,12 +212,33 @@ class QuantizationAwareTraining(Callback):
             for name, q in uncalibrated:
                 self._observer.watch(q, name)
                 q.deferred_observations = []
+            self._trace_model_inputs(pl_module, self._observer)
             if self._calibration_state is not None:
                 try:
                     self._observer.load_state_dict(self._calibration_state)
                 except ValueError as e:
                     rank_zero_warn(f"{type(self).__name__}: the checkpoint's calibration statistics are not used ({e})")
         self._calibration_state = None
+
+    def _trace_model_inputs(self, pl_module: LightningModule, observer: RangeObserver) -> None:
+        # While calibrating, training_step runs inside the observer's tracing: a layer fed the
+        # batch's tensors (or values computed from them alone) keeps a float input. Compiled
+        # code cannot run under the op-following mode, so there only the batch's own tensors
+        # (and views of them) are recognised, from their memory.
+        compiled = getattr(pl_module, "_compiler_ctx", None) is not None or any(
+            isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in pl_module.modules()
+        )
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                with observer.tracing_model_inputs(args[0] if args else kwargs.get("batch"), follow_ops=not compiled):
+                    return original(*args, **kwargs)
+
+            return training_step
+
+        undo = wrap_method(pl_module, "training_step", make)
+        self._undo.append(undo)
+        self._stop_tracing = undo
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_wrappers(pl_module)
@@ -277,6 +301,9 @@ class QuantizationAwareTraining(Callback):
             reduce_max=lambda t: strategy.reduce(t.to(strategy.root_device), reduce_op="max").cpu(),
         )
         self._observer = None
+        if self._stop_tracing is not None:
+            self._stop_tracing()
+            self._stop_tracing = None
         for q in self._calibrating:
             q.deferred_observations = None
         self._calibrating = []
@@ -316,9 +343,13 @@ class QuantizationAwareTraining(Callback):
         self.finalize_bits(pl_module)
 
     def finalize_bits(self, pl_module: LightningModule) -> None:
-        """Freeze every calibrated quantizer that still learns its bits at its rounded bits (idempotent)."""
+        """Freeze every calibrated quantizer that still learns its bits at its rounded bits (idempotent).
+
+        A quantizer whose input stays float is frozen too: its bits are never used, but frozen
+        bits mark the end of training for every quantizer alike.
+        """
         for _, q in quantizers(pl_module):  # walked afresh: works before setup and after a conversion
-            if q.learns_bits and q.calibrated:
+            if q.learns_bits and (q.calibrated or q.stays_float):
                 q.freeze_bits()
 
     # ------------------------------------------------------------------ state

@@ -24,7 +24,18 @@ LAYER_CHECK_SAMPLES = 32
 #: Largest ``max|diff| / max|output|`` of one converted layer on its recorded input: float rounding only.
 LAYER_REL_TOLERANCE = 1e-4
 
-LayerRecord = dict[str, tuple[Tensor, Tensor]]
+
+
+class LayerRecord(dict[str, tuple[Tensor, Tensor]]):
+    """``name -> (input, output)`` of each recorded layer's first call, with ``calls``: its further arguments.
+
+    ``calls[name]`` is ``(args after the input, keyword arguments)`` of that call (a transposed
+    convolution's ``output_size``), so the converted layer is called as the model called it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
 
 @contextlib.contextmanager
@@ -45,20 +56,21 @@ def record_layers(model: nn.Module, run: Callable[[], Any], samples: int = LAYER
     Only the first ``samples`` entries along the batch axis are kept: the layers act on each
     sample alone, so the slice of the output is the output of the sliced input.
     """
-    record: LayerRecord = {}
+    record = LayerRecord()
 
     def hook(name: str) -> Callable[..., None]:
-        def keep(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if name in record or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
                 return
             x, y = args[0], output
             if x.dim() >= 2 and y.dim() >= 2:
                 x, y = x[:samples], y[:samples]
             record[name] = (x.detach().clone(), y.detach().clone())
+            record.calls[name] = (tuple(args[1:]), dict(kwargs))
 
         return keep
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in quantized_layers(model)]
+    handles = [layer.register_forward_hook(hook(name), with_kwargs=True) for name, layer in quantized_layers(model)]
     try:
         with torch.no_grad(), full_precision_kernels():
             run()
@@ -74,6 +86,7 @@ def layer_rel_diffs(model: nn.Module, record: LayerRecord) -> dict[str, float]:
     diffs: dict[str, float] = {}
     with torch.no_grad(), full_precision_kernels():
         for name, (x, y) in record.items():
-            out = modules[name](x).to(y.dtype)
+            args, kwargs = getattr(record, "calls", {}).get(name, ((), {}))
+            out = modules[name](x, *args, **kwargs).to(y.dtype)
             diffs[name] = float((out - y).abs().max()) / max(float(y.abs().max()), 1e-12)
     return diffs

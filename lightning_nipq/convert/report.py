@@ -9,7 +9,8 @@ from torch import nn
 
 from lightning_nipq.layers.folded_batchnorm import folded_batchnorms
 from lightning_nipq.layers.layer_kinds import describe_layer
-from lightning_nipq.layers.model_walk import integer_layers, left_in_float
+from lightning_nipq.layers.model_walk import float_weight_numel, integer_layers, left_in_float
+from lightning_nipq.layers.tied_weights import integer_ties
 from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.quant.granularity import granularity_name
 
@@ -35,6 +36,8 @@ class LayerReport:
     weight_ranges: int = 1
     #: The input codes' zero point (0: none; see `lightning_nipq.quant.fake_quant`).
     input_zero_point: int = 0
+    #: The earlier layer whose weight this one shares (tied weights: stored and counted once, there); None if its own.
+    tied_to: Optional[str] = None
 
 
 @dataclass
@@ -59,11 +62,34 @@ class QuantizationReport:
     folded_batchnorms: dict[str, str] = field(default_factory=dict)
     #: ``(BatchNorm name, why)`` for the BatchNorms kept as they are when folding was asked for.
     batchnorms_kept: list[tuple[str, str]] = field(default_factory=list)
+    #: Elements of the matrix-like parameters of the layers left in float (those of `skipped`), each once.
+    float_weight_numel: int = 0
+
+    @property
+    def _stored(self) -> list[LayerReport]:
+        # A weight shared by tied layers is stored and counted once: under the first of them.
+        return [r for r in self.layers if r.tied_to is None]
 
     @property
     def avg_weight_bits(self) -> float:
-        total = sum(r.weight_numel for r in self.layers)
-        return sum(r.weight_bits * r.weight_numel for r in self.layers) / max(total, 1)
+        total = sum(r.weight_numel for r in self._stored)
+        return sum(r.weight_bits * r.weight_numel for r in self._stored) / max(total, 1)
+
+    @property
+    def quantized_weight_numel(self) -> int:
+        """Elements of the quantized weights, a tied weight once."""
+        return sum(r.weight_numel for r in self._stored)
+
+    @property
+    def coverage(self) -> float:
+        """The share of the weights of weight-bearing layers that is quantized (1.0: every one).
+
+        Weight-bearing layers hold a parameter of two or more dimensions; the share counts
+        elements: the quantized weights against those plus the matrix-like parameters of every
+        layer left in float (`skipped`, each with its reason). Biases and norms are not weights.
+        """
+        quantized = self.quantized_weight_numel
+        return quantized / max(quantized + self.float_weight_numel, 1)
 
     @property
     def avg_act_bits(self) -> Optional[float]:
@@ -86,9 +112,9 @@ class QuantizationReport:
     @property
     def quantized_bytes(self) -> float:
         """Quantized weights at their bit-width, their float32 steps and input ranges, and every other parameter in float32."""
-        weight_bits = sum(r.weight_bits * r.weight_numel for r in self.layers)
-        other = self.total_params - sum(r.weight_numel for r in self.layers)
-        steps = sum(r.weight_ranges + (r.input_bits is not None) for r in self.layers)
+        weight_bits = sum(r.weight_bits * r.weight_numel for r in self._stored)
+        other = self.total_params - self.quantized_weight_numel
+        steps = sum(r.weight_ranges * (r.tied_to is None) + (r.input_bits is not None) for r in self.layers)
         return weight_bits / 8 + 4 * (other + steps)
 
     def table(self) -> str:
@@ -139,6 +165,8 @@ class QuantizationReport:
             lines.append(
                 "integer model validation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.integer_metrics.items()))
             )
+        lines += tied_lines(self)
+        lines.append(coverage_line(self))
         if self.skipped:
             lines.append("left in float:")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
@@ -147,6 +175,21 @@ class QuantizationReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def coverage_line(report: QuantizationReport) -> str:
+    """The coverage sentence for the text and rich reports."""
+    quantized = report.quantized_weight_numel
+    return (
+        f"coverage {100 * report.coverage:.2f}%: {quantized:,} of the {quantized + report.float_weight_numel:,} weights of "
+        f"weight-bearing layers quantized; {len(report.skipped)} layer(s) left in float"
+    )
+
+
+def tied_lines(report: QuantizationReport) -> list[str]:
+    """Which layers share another's weight (stored and counted once), for the text and rich reports."""
+    tied = [f"{r.name} -> {r.tied_to}" for r in report.layers if r.tied_to is not None]
+    return ["tied weights, stored and counted once: " + ", ".join(tied)] if tied else []
 
 
 def batchnorm_lines(report: QuantizationReport) -> list[str]:
@@ -177,7 +220,9 @@ def ranges_label(row: LayerReport) -> str:
 def integer_model_report(model: nn.Module) -> QuantizationReport:
     """Report on a model whose quantized layers have been converted to integer layers."""
     rows: list[LayerReport] = []
-    for name, layer in integer_layers(model):
+    layers = list(integer_layers(model))
+    ties = integer_ties(layers)
+    for name, layer in layers:
         bias = layer.bias.numel() if layer.bias is not None else 0
         rows.append(
             LayerReport(
@@ -190,11 +235,19 @@ def integer_model_report(model: nn.Module) -> QuantizationReport:
                 weight_ranges=layer.weight_scale.numel(),
                 input_alpha=None if layer.input_bits is None else float(layer.input_alpha),
                 input_zero_point=layer.input_zero_point,
-                params=layer.weight_codes.numel() + bias,
+                # A tied weight's elements are the first layer's: counted there only.
+                params=(0 if id(layer) in ties else layer.weight_codes.numel()) + bias,
                 weight_numel=layer.weight_codes.numel(),
                 input_numel=layer.input_numel,
+                tied_to=ties.get(id(layer)),
             )
         )
-    total = sum(p.numel() for p in model.parameters()) + sum(r.weight_numel for r in rows)
+    total = sum(p.numel() for p in model.parameters()) + sum(r.weight_numel for r in rows if r.tied_to is None)
     folded = {names[0]: module.into for names, module in folded_batchnorms(model)}
-    return QuantizationReport(layers=rows, skipped=left_in_float(model), total_params=total, folded_batchnorms=folded)
+    return QuantizationReport(
+        layers=rows,
+        skipped=left_in_float(model),
+        total_params=total,
+        folded_batchnorms=folded,
+        float_weight_numel=float_weight_numel(model),
+    )

@@ -10,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from lightning_nipq.convert.report import QuantizationReport, batchnorm_lines, input_alpha_label, ranges_label
+from lightning_nipq.convert.report import (
+    QuantizationReport,
+    batchnorm_lines,
+    coverage_line,
+    input_alpha_label,
+    ranges_label,
+    tied_lines,
+)
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -47,6 +54,8 @@ def _caption_lines(report: QuantizationReport) -> list[str]:
         lines.append(f"integer vs fake-quantized on {report.compared_batches} batches: agreement {agreement}{diff}")
     if report.integer_metrics:
         lines.append("integer model: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.integer_metrics.items())))
+    lines += tied_lines(report)
+    lines.append(coverage_line(report))
     if report.skipped:
         lines.append("left in float: " + "; ".join(f"{name} ({reason})" for name, reason in report.skipped))
     return lines + batchnorm_lines(report)

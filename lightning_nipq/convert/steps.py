@@ -25,10 +25,12 @@ from lightning_nipq.convert.comparison import check_report, check_tolerances, co
 from lightning_nipq.convert.layer_check import layer_rel_diffs, record_layers
 from lightning_nipq.convert.report import QuantizationReport, integer_model_report
 from lightning_nipq.layers.folded_batchnorm import batchnorm_eval
+from lightning_nipq.layers.forms import integer_arithmetic
 from lightning_nipq.layers.layer_kinds import kind_of
 from lightning_nipq.layers.model_calls import InputFn, call_model, first_tensor
 from lightning_nipq.layers.model_walk import batchnorm_layers, quantized_layers, quantizers
 from lightning_nipq.layers.restore_point import restore_point
+from lightning_nipq.layers.tied_weights import tie_integer_layers, tied_groups
 
 
 def freeze_quantizers(model: nn.Module) -> None:
@@ -114,7 +116,11 @@ def _convert(
     layers = list(quantized_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantized layer to convert; attach quantizers first")
-    uncalibrated = [name for name, layer in layers if layer.input_quantizer is not None and not layer.input_quantizer.calibrated]
+    uncalibrated = [
+        name
+        for name, layer in layers
+        if layer.input_quantizer is not None and not layer.input_quantizer.calibrated and not layer.input_quantizer.stays_float
+    ]
     if uncalibrated:
         raise ValueError(
             f"input quantizers of {uncalibrated[:5]} were never calibrated; train (or call "
@@ -123,12 +129,15 @@ def _convert(
     # Seen on the fake-quantized model, whose data flow the integer one keeps; changes nothing.
     plan = find_foldable_batchnorms(model, fold_batch, input_fn) if fold_batchnorm else None
     restore = restore_point(model)
+    ties = tied_groups(layers)  # layers sharing one weight (and one weight quantizer) share one set of codes
     try:
         for _, layer in layers:
             _make_pruning_permanent(layer)
             kind = kind_of(layer)
             assert kind is not None
             kind.to_integer(layer)
+        for group in ties:
+            tie_integer_layers([layer for _, layer in group])
         folded, problems = apply_folds(model, plan.pairs) if plan is not None else ({}, [])
     except BaseException:
         restore()  # all layers or none: a half-converted model would neither train nor save
@@ -182,7 +191,10 @@ def convert_and_compare(
     names = [name for name, _ in quantized_layers(model)]
     reference: list[Tensor] = []
     # The reference pass also records each layer's first call (from the first batch) for the layer check.
-    record = record_layers(model, lambda: reference.extend(_outputs(model, compare, input_fn)))
+    # The reference is the fake-quantized model computing what its integer form will, to the bit
+    # (`integer_arithmetic`): a correct conversion then matches it exactly, whatever the bits.
+    with integer_arithmetic():
+        record = record_layers(model, lambda: reference.extend(_outputs(model, compare, input_fn)))
     report, folded = _convert(model, fold_batchnorm, fold_batch, input_fn)
     with torch.no_grad():
         for name, bn in folded.items():

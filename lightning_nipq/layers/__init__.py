@@ -1,11 +1,25 @@
 """The layers of a quantized model: the registry of layer kinds and their fake-quantized and integer
-forms, walking a model, attaching quantizers, calibration and post-training quantization. Plain torch."""
+forms, walking a model, attaching quantizers, calibration and post-training quantization. Plain torch
+(transformers' ``Conv1D`` kind is registered, and transformers imported, only for a model that holds one)."""
 
 from lightning_nipq.layers.attach import AttachResult, attach_quantizers, detach_quantizers
 from lightning_nipq.layers.calibration import calibrate_activations
 from lightning_nipq.layers.folded_batchnorm import FoldedBatchNorm
-from lightning_nipq.layers.forms import IntegerLayerMixin, LayerKind, QuantizedLayerMixin, is_integer, is_quantized
-from lightning_nipq.layers.layer_kinds import LAYER_KINDS, describe_layer, kind_of
+from lightning_nipq.layers.forms import (
+    IntegerLayerMixin,
+    LayerKind,
+    QuantizedLayerMixin,
+    integer_arithmetic,
+    is_integer,
+    is_quantized,
+)
+from lightning_nipq.layers.layer_kinds import (
+    LAYER_KINDS,
+    describe_layer,
+    kind_of,
+    register_layer_kind,
+    unregister_layer_kind,
+)
 from lightning_nipq.layers.model_calls import call_model, default_input_fn, first_tensor
 from lightning_nipq.layers.model_walk import integer_layers, plan_layers, quantized_layers, quantizers
 from lightning_nipq.layers.post_training import post_training_quantize
@@ -24,6 +38,7 @@ __all__ = [
     "describe_layer",
     "detach_quantizers",
     "first_tensor",
+    "integer_arithmetic",
     "integer_layers",
     "is_integer",
     "is_quantized",
@@ -32,4 +47,6 @@ __all__ = [
     "post_training_quantize",
     "quantized_layers",
     "quantizers",
+    "register_layer_kind",
+    "unregister_layer_kind",
 ]

@@ -9,7 +9,9 @@ from torch import nn
 
 from lightning_nipq.layers.forms import is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import kind_of, supported_names
-from lightning_nipq.layers.model_walk import check_patterns, plan_layers, quantized_layers
+from lightning_nipq.layers.model_walk import check_patterns, named_layers, plan_layers
+from lightning_nipq.layers.tied_weights import check_tied_ranges, share_weight_parameters, tied_groups
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.quant.methods import QuantizerFactory
 from lightning_nipq.quant.nipq_quantizer import NIPQConfig
 
@@ -19,8 +21,11 @@ class AttachResult:
     """What `attach_quantizers` did: the quantized layers and everything it left alone, with why."""
 
     quantized: list[str] = field(default_factory=list)
+    #: Layers whose input stays float by ``float_input_layers`` or ``quantize_inputs=False``.
     float_input: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: Whether calibration decides which inputs stay float (those fed the model's own input).
+    float_input_by_data_flow: bool = False
 
 
 def attach_quantizers(
@@ -39,9 +44,12 @@ def attach_quantizers(
     `lightning_nipq.layers.calibrate_activations` (or their ``set_range``) gives them a
     range and a sign.
 
-    ``float_input_layers`` names the layers whose input stays float; by default the first
-    supported layer in registration order, which takes the raw model input in most models.
-    ``quantize_inputs=False`` quantizes weights only: no layer gets an input quantizer.
+    ``float_input_layers`` names the layers whose input stays float. By default data flow
+    decides, at calibration: every layer gets an input quantizer, and a layer that receives
+    one of the model's own input tensors (or a view of one) on the first calibration batch
+    keeps its input float (`lightning_nipq.quant.RangeObserver.note_model_inputs`), while a
+    layer fed by an embedding or any other layer is quantized. ``quantize_inputs=False``
+    quantizes weights only: no layer gets an input quantizer.
 
     Every layer's ranges are sized (``config.weight_granularity``) before any layer changes:
     a granularity that does not fit some layer raises a `ValueError` naming it, with the model
@@ -69,26 +77,31 @@ def attach_quantizers(
         kind = kind_of(layer)
         assert kind is not None  # plan_layers returns quantizable layers only
         try:
-            kind.range_shape(kind.weight_shape(layer), config.weight_granularity)
+            kind.layer_range_shape(layer, config.weight_granularity)
         except ValueError as e:
             raise ValueError(f"layer {name!r} ({kind.name}): {e}") from None
+    check_tied_ranges(targets, config.weight_granularity)
     if not quantize_inputs:
         float_inputs = {name for name, _ in targets}
     elif float_input_layers is None:
-        float_inputs = {targets[0][0]}
+        float_inputs = set()  # decided by data flow at calibration
     else:
         float_inputs = set(float_input_layers)
         unknown = float_inputs - {n for n, _ in targets}
         if unknown:
             raise ValueError(f"float_input_layers {sorted(unknown)} are not among the quantized layers")
     result = AttachResult(skipped=skipped)
+    shared: dict[int, BaseQuantizer] = {}  # a weight held by several layers (tied) gets one quantizer
     for name, layer in targets:
         kind = kind_of(layer)
         assert kind is not None  # plan_layers returns quantizable layers only
-        kind.quantize(layer, config, float_input=name in float_inputs)
+        kind.quantize(layer, config, float_input=name in float_inputs, shared=shared)
         if name in float_inputs:
             result.float_input.append(name)
+        elif quantize_inputs and float_input_layers is None and layer.input_quantizer is not None:
+            layer.input_quantizer.stays_float = None
         result.quantized.append(name)
+    result.float_input_by_data_flow = quantize_inputs and float_input_layers is None
     disable_transformer_fast_path(model)
     return result
 
@@ -108,8 +121,22 @@ def disable_transformer_fast_path(model: nn.Module) -> None:
 
 
 def detach_quantizers(model: nn.Module) -> None:
-    """Undo `attach_quantizers`: the layers become plain float layers again."""
-    for _, layer in list(quantized_layers(model)):
+    """Turn every fake-quantized and integer layer back into a plain float layer, in place.
+
+    A fake-quantized layer keeps its float weight and loses its quantizers (undoing
+    `attach_quantizers`). An integer layer gets a float32 weight holding its dequantized
+    weight (codes times steps) and keeps its bias: the float model's weights are the
+    quantized values, while its inputs are no longer quantized, so its outputs differ from
+    the integer model's by the input rounding. A `lightning_nipq.layers.FoldedBatchNorm`
+    stays (an identity: the BatchNorm is part of the dequantized weight and bias). Layers
+    that shared one weight (tied) share one float Parameter again. The model can then be
+    quantized afresh with `attach_quantizers`.
+    """
+    layers = named_layers(model, lambda m: is_quantized(m) or is_integer(m))
+    # Tied integer layers share codes; give them one Parameter afterwards, as the float model had.
+    ties = tied_groups([(names[0], layer) for names, layer in layers if is_integer(layer)])
+    for _, layer in layers:
         kind = kind_of(layer)
         assert kind is not None
-        kind.to_float(layer)
+        kind.to_float(layer, dequantize=True)
+    share_weight_parameters([[layer for _, layer in group] for group in ties])

@@ -35,19 +35,22 @@ def observe_inputs(
 ) -> None:
     """Run ``forward`` on ``batches`` while ``observer`` records every uncalibrated input quantizer.
 
-    The quantizers pass their input through meanwhile, so every layer sees float inputs.
+    The quantizers pass their input through meanwhile, so every layer sees float inputs. The
+    tensors of each batch are the model's own inputs (`RangeObserver.note_model_inputs`): a
+    layer that receives one of them keeps its input float, unless attaching decided otherwise.
     """
     was_training = model.training
     # Eval mode for the model (no BatchNorm updates, no dropout), train mode for the
     # quantizers being observed, which record only while training.
     model.eval()
     for name, q in quantizers(model):
-        if not q.calibrated:
+        if not q.calibrated and not q.stays_float:
             observer.watch(q, name)
             q.train()
     try:
         with torch.no_grad():
             for batch in batches:  # type: ignore[union-attr]
-                forward(batch)
+                with observer.tracing_model_inputs(batch):
+                    forward(batch)
     finally:
         model.train(was_training)

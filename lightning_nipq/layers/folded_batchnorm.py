@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.layers.forms import is_integer
+from lightning_nipq.layers.forms import WEIGHT_TIE_ATTRIBUTE, is_integer
 from lightning_nipq.layers.layer_kinds import kind_of
 from lightning_nipq.layers.model_walk import named_layers
 
@@ -210,6 +210,10 @@ def folded_state(layer: nn.Module, bn: nn.Module) -> tuple[Tensor, Tensor, Any, 
     kind = kind_of(layer)
     if kind is None or not is_integer(layer):
         raise TypeError(f"{type(layer).__name__} is not an integer layer")
+    if not kind.foldable:
+        raise FoldProblem(f"a {kind.name}'s output channels are not its weight's output axis, so no BatchNorm folds into it")
+    if layer.__dict__.get(WEIGHT_TIE_ATTRIBUTE) is not None:
+        raise FoldProblem("the layer shares its weight with another layer (tied), whose codes folding would change too")
     channels = output_channels(layer)
     if bn.num_features != channels:
         raise FoldProblem(f"it has {bn.num_features} features and the layer {channels} output channels")
@@ -270,6 +274,8 @@ def check_fold_target(bn: nn.Module, settings: FoldSettings, layer: Optional[nn.
         return f"{bn.num_features} features in the model, {settings.num_features} in the saved state"
     if layer is None or kind_of(layer) is None:
         return f"folded into {settings.into!r}, which is not a quantizable layer of the model"
+    if not kind_of(layer).foldable:  # type: ignore[union-attr]
+        return f"folded into {settings.into!r}, a {kind_of(layer).name} (no BatchNorm folds into one)"  # type: ignore[union-attr]
     if output_channels(layer) != settings.num_features:
         return f"folded into {settings.into!r}, which has {output_channels(layer)} output channels, not {settings.num_features}"
     if settings.created_bias != (layer.bias is None):

@@ -24,10 +24,11 @@ CUDA, float32 kernels may use TF32, so float64 is used there.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,8 @@ FLOAT32_EXACT_LIMIT = 2**24
 FLOAT64_EXACT_LIMIT = 2**53
 #: The state of an integer layer besides its float parameters (the bias).
 INTEGER_STATE_KEYS = ("weight_codes", "weight_scale", "input_alpha", "_extra_state")
+#: The attribute marking integer layers whose weight was one tensor (see `lightning_nipq.layers.tied_weights`).
+WEIGHT_TIE_ATTRIBUTE = "_weight_tie"
 
 
 class QuantizedLayerMixin:
@@ -62,13 +65,18 @@ class QuantizedLayerMixin:
     weight_quantizer: BaseQuantizer
     input_quantizer: Optional[BaseQuantizer]
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        # Further arguments (a transposed convolution's ``output_size``) go to the layer's maths unchanged.
+        if _INTEGER_ARITHMETIC.active and not self.training and uses_integer_arithmetic(type(self)):
+            # What the integer form will compute, to the bit: see `integer_arithmetic`.
+            with torch.no_grad():
+                return integer_output(self, input, integer_values(self), args, kwargs)
         if self.input_quantizer is not None:
             input = self.input_quantizer(input)
         weight = self.weight_quantizer(self.weight)
-        output = self.apply_weight(input, weight, self.bias)  # type: ignore[attr-defined]
+        output = self.apply_weight(input, weight, self.bias, *args, **kwargs)  # type: ignore[attr-defined]
         if self.weight_quantizer.macs == 0:
-            self.weight_quantizer.macs = int(output.numel()) * self.reduction_size()  # type: ignore[attr-defined]
+            self.weight_quantizer.macs = layer_macs(self, input, output)
         return output
 
     def _load_from_state_dict(
@@ -91,6 +99,19 @@ class QuantizedLayerMixin:
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def layer_macs(layer: nn.Module, input: Tensor, output: Tensor) -> int:
+    """The multiply-accumulates of one call of ``layer`` (for the BOPs budget).
+
+    The kind's maths mixin may say it (``multiply_accumulates(input, output)``: 0 for a lookup
+    table, one product per input element and kernel tap for a transposed convolution);
+    otherwise every output element sums ``reduction_size()`` products.
+    """
+    count = getattr(layer, "multiply_accumulates", None)
+    if count is not None:
+        return int(count(input, output))
+    return int(output.numel()) * layer.reduction_size()  # type: ignore[operator]
 
 
 def check_saved_quantizer(state_dict: Mapping[str, Any], prefix: str, role: str) -> Optional[BaseQuantizer]:
@@ -157,15 +178,7 @@ class IntegerLayerMixin:
         return self.input_bits is None
 
     def accumulator_dtype(self, device: torch.device) -> torch.dtype:
-        if self.input_bits is None:
-            return torch.float32  # float input: not integer arithmetic, see ``float_input``
-        # Python integers: no tensor, so no host sync and no graph break under torch.compile.
-        bound = self.accumulation_size() * num_levels(self.input_bits, self.input_signed) * num_levels(self.weight_bits, True)
-        if bound >= FLOAT64_EXACT_LIMIT:
-            raise ValueError(f"integer accumulation bound {bound} exceeds float64's exact range")
-        if device.type == "cpu" and bound < FLOAT32_EXACT_LIMIT:
-            return torch.float32
-        return torch.float64
+        return accumulator_dtype(self.accumulation_size(), self.input_bits, self.input_signed, self.weight_bits, device)
 
     def input_scale(self) -> Tensor:
         """The step of the input codes, ``input_alpha / n`` (``input_alpha / (N - z)`` with a zero point)."""
@@ -180,34 +193,40 @@ class IntegerLayerMixin:
             return None
         return torch.tensor(float(self.input_zero_point), device=device)
 
-    def forward(self, input: Tensor) -> Tensor:
-        out_dtype = input.dtype if input.is_floating_point() else torch.float32
-        dtype = self.accumulator_dtype(input.device)
-        if self.input_bits is None:
-            # Weight-only or float-input layer: float input times the dequantized weight.
-            output = self.apply_weight(input.to(dtype), self.dequantized_weight(dtype), None)  # type: ignore[attr-defined]
-        else:
-            bits = torch.tensor(float(self.input_bits), device=input.device)
-            # Centred codes q - z with a zero point: integers in [-z, N - z], 0 for a real 0.0.
-            zero = self._input_zero_tensor(input.device)
-            codes_in = integer_codes(input.float(), self.input_alpha, bits, self.input_signed, zero).to(dtype)
-            input_scale = self.input_scale().to(dtype)
-            codes_w = self.weight_codes.to(dtype)
-            if is_group_size(self.weight_granularity):
-                # One exact integer sum per group, each rescaled by its own step.
-                output = self.apply_weight_groups(codes_in, codes_w, self.weight_scale.to(dtype)) * input_scale  # type: ignore[attr-defined]
-            else:
-                accumulated = self.apply_weight(codes_in, codes_w, None)  # type: ignore[attr-defined]
-                output = accumulated * (input_scale * self.output_scale().to(dtype))
-        if self.bias is not None:
-            output = output + self.per_output_channel(self.bias.to(dtype))  # type: ignore[attr-defined]
-        return output.to(out_dtype)
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        # Further arguments (a transposed convolution's ``output_size``) go to the layer's maths unchanged.
+        return integer_output(
+            self,
+            input,
+            IntegerValues(
+                self.weight_codes,
+                self.weight_scale,
+                self.weight_bits,
+                self.weight_granularity,
+                self.input_alpha,
+                self.input_bits,
+                self.input_signed,
+                self.input_zero_point,
+            ),
+            args,
+            kwargs,
+        )
 
     def output_scale(self) -> Tensor:
         """The weight step shaped to broadcast against the output (a scalar per tensor, a vector per channel)."""
         if self.weight_scale.dim() == 0:
             return self.weight_scale
         return self.per_output_channel(self.weight_scale.reshape(-1))  # type: ignore[attr-defined]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # torch converts buffers module by module (``model.to``): codes tied to another layer's
+        # (`lightning_nipq.layers.tied_weights`) take that layer's converted tensors, staying one.
+        tie = self.__dict__.get(WEIGHT_TIE_ATTRIBUTE)
+        before = (self._buffers.get("weight_codes"), self._buffers.get("weight_scale"))  # type: ignore[attr-defined]
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        if tie is not None:
+            tie.share(self, before)
+        return result
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -399,6 +418,129 @@ def is_integer(layer: nn.Module) -> bool:
     return isinstance(layer, IntegerLayerMixin)
 
 
+class IntegerValues(NamedTuple):
+    """What an integer layer computes with: weight codes and steps, and how its input becomes codes."""
+
+    weight_codes: Tensor
+    weight_scale: Tensor
+    weight_bits: int
+    weight_granularity: Granularity
+    input_alpha: Tensor
+    input_bits: Optional[int]  # None: the input stays float
+    input_signed: bool
+    input_zero_point: int
+
+
+def integer_values(layer: nn.Module) -> IntegerValues:
+    """The integer values of a fake-quantized layer, from its eval-mode quantizers (what `LayerKind.to_integer` stores).
+
+    The codes come from the quantizers' own formula, so the integer layer's dequantized weights
+    and inputs equal the fake-quantized ones exactly.
+    """
+    wq = layer.weight_quantizer
+    with torch.no_grad():
+        device = layer.weight.device
+        w_bits = torch.tensor(float(wq.rounded_bits()), device=device)
+        w_alpha = wq.alpha.detach().float()
+        weight = layer.weight.detach().float()
+        codes = integer_codes(grouped_view(weight, wq.granularity), w_alpha, w_bits, signed=True).reshape(weight.shape)
+        scale = (w_alpha / num_levels(w_bits, True)).detach().clone()
+        iq = layer.input_quantizer
+        if iq is not None and iq.calibrated:
+            input_bits: Optional[int] = iq.rounded_bits()
+            input_alpha = iq.alpha.detach().float().clone()
+            # The quantizer's own zero point at the bits the layer keeps: the same float32 formula.
+            zero = iq.zero_point_code(torch.tensor(float(input_bits), device=input_alpha.device))
+            return IntegerValues(
+                codes, scale, int(w_bits.item()), wq.granularity, input_alpha, input_bits, iq.signed, 0 if zero is None else int(zero)
+            )
+    return IntegerValues(codes, scale, int(w_bits.item()), wq.granularity, torch.zeros((), device=device), None, True, 0)
+
+
+def accumulator_dtype(
+    accumulation_size: int, input_bits: Optional[int], input_signed: bool, weight_bits: int, device: torch.device
+) -> torch.dtype:
+    """float32 where every partial sum of code products is below ``2**24`` on CPU, else float64 (exact to ``2**53``)."""
+    if input_bits is None:
+        return torch.float32  # float input: not integer arithmetic
+    # Python integers: no tensor, so no host sync and no graph break under torch.compile.
+    bound = accumulation_size * num_levels(input_bits, input_signed) * num_levels(weight_bits, True)
+    if bound >= FLOAT64_EXACT_LIMIT:
+        raise ValueError(f"integer accumulation bound {bound} exceeds float64's exact range")
+    if device.type == "cpu" and bound < FLOAT32_EXACT_LIMIT:
+        return torch.float32
+    return torch.float64
+
+
+def integer_output(maths: Any, input: Tensor, values: IntegerValues, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The integer layer's output: input codes times weight codes summed exactly, rescaled once per range, plus the bias.
+
+    ``maths`` is the layer (its kind's ``apply_weight``, ``apply_weight_groups``,
+    ``per_output_channel``, ``reduction_size`` and ``bias``). A float input (``input_bits``
+    None) is multiplied by the dequantized weight instead.
+    """
+    out_dtype = input.dtype if input.is_floating_point() else torch.float32
+    grouped = is_group_size(values.weight_granularity)
+    size = int(values.weight_granularity) if grouped else maths.reduction_size()
+    dtype = accumulator_dtype(size, values.input_bits, values.input_signed, values.weight_bits, input.device)
+    steps = values.weight_scale.to(dtype)
+    if values.input_bits is None:
+        # Weight-only or float-input layer: float input times the dequantized weight.
+        codes = grouped_view(values.weight_codes.to(dtype), values.weight_granularity)
+        weight = (codes * steps).reshape(values.weight_codes.shape)
+        output = maths.apply_weight(input.to(dtype), weight, None, *args, **kwargs)
+    else:
+        bits = torch.tensor(float(values.input_bits), device=input.device)
+        # Centred codes q - z with a zero point: integers in [-z, N - z], 0 for a real 0.0.
+        zero = torch.tensor(float(values.input_zero_point), device=input.device) if values.input_zero_point else None
+        codes_in = integer_codes(input.float(), values.input_alpha, bits, values.input_signed, zero).to(dtype)
+        # code_grid: the same float32 division as the fake quantizer's step.
+        input_scale = (values.input_alpha / code_grid(bits, values.input_signed, zero)[1]).to(dtype)
+        codes_w = values.weight_codes.to(dtype)
+        if grouped:
+            # One exact integer sum per group, each rescaled by its own step.
+            output = maths.apply_weight_groups(codes_in, codes_w, steps) * input_scale
+        else:
+            accumulated = maths.apply_weight(codes_in, codes_w, None, *args, **kwargs)
+            per_channel = steps if steps.dim() == 0 else maths.per_output_channel(steps.reshape(-1))
+            output = accumulated * (input_scale * per_channel)
+    if maths.bias is not None:
+        output = output + maths.per_output_channel(maths.bias.to(dtype))
+    return output.to(out_dtype)
+
+
+class _IntegerArithmetic:
+    active = False
+
+
+_INTEGER_ARITHMETIC = _IntegerArithmetic()
+
+
+@contextlib.contextmanager
+def integer_arithmetic() -> Iterator[None]:
+    """Within it, fake-quantized layers in eval mode compute exactly what their integer form will.
+
+    The fake-quantized forward multiplies dequantized tensors in float; the integer layer sums
+    code products exactly and rescales once. The two agree to float rounding, but an input
+    code on a rounding boundary can then flip in the next layer, and at 2 to 3 bits such flips
+    travel (through attention, for example). The integer comparison records the fake-quantized
+    reference inside this, so a correct integer model matches it exactly and any difference
+    means a bypassed layer or a wrong code. Training (grad-enabled, train mode) is unaffected.
+    """
+    previous = _INTEGER_ARITHMETIC.active
+    _INTEGER_ARITHMETIC.active = True
+    try:
+        yield
+    finally:
+        _INTEGER_ARITHMETIC.active = previous
+
+
+def uses_integer_arithmetic(fake_class: type) -> bool:
+    """Whether the integer form of this fake-quantized class computes with `integer_output` (its forward is the generic one)."""
+    kind = getattr(fake_class, "layer_kind", None)
+    return kind is not None and kind.integer.forward is IntegerLayerMixin.forward
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """One quantizable layer kind: its float class, its two quantized forms, and the moves between them.
@@ -408,7 +550,8 @@ class LayerKind:
     input is the first argument of ``forward``; a kind that differs overrides the methods
     below. Everything else (attaching, checkpoints, the artifact, ONNX export, the report)
     reads the registry of kinds (`lightning_nipq.layers.layer_kinds.LAYER_KINDS`) and calls
-    these methods, so a new kind needs one entry plus its forms.
+    these methods, so a new kind needs one entry plus its forms: register it with
+    `lightning_nipq.layers.register_layer_kind`, as the built-in kinds are.
     """
 
     float_type: type[nn.Module]
@@ -418,6 +561,14 @@ class LayerKind:
     output_axis: int = 0
     #: Whether the weight is ``(outputs, inputs)``, so that ranges per group of inputs fit it.
     groupable: bool = False
+    #: Whether only the weight is quantized: the input is not a tensor of values to quantize
+    #: (the indices of an ``nn.Embedding``), so the layer never gets an input quantizer.
+    weights_only: bool = False
+    #: Whether a BatchNorm after the layer may fold into its per-channel steps: the layer's
+    #: output channels (dimension 1 of the output) must be the weight's ``output_axis``.
+    foldable: bool = True
+    #: The name the artifact and the report record; by default the float class's name.
+    type_name: Optional[str] = None
 
     def __post_init__(self) -> None:
         # Each form knows its kind, so a layer can check its own saved state (the range shapes).
@@ -426,8 +577,17 @@ class LayerKind:
 
     @property
     def name(self) -> str:
-        """The float class's name, which the artifact and the report record."""
-        return self.float_type.__name__
+        """The kind's name, which the artifact and the report record: ``type_name``, else the float class's name."""
+        return self.type_name or self.float_type.__name__
+
+    def refusal(self, layer: nn.Module) -> Optional[str]:
+        """Why this float layer of the kind cannot be quantized (a setting the forms cannot follow), or None.
+
+        The reason is reported for the layer, which stays float. None by default; a kind
+        overrides it (an ``nn.Embedding`` with ``max_norm`` renormalises its float rows in
+        place on every lookup, which codes cannot follow).
+        """
+        return None
 
     def form_of(self, layer: nn.Module) -> Optional[str]:
         """``"float"``, ``"fake"`` or ``"integer"`` if ``layer`` is exactly one of this kind's classes, else None."""
@@ -447,13 +607,47 @@ class LayerKind:
         """
         return range_shape_for(weight_shape, granularity, self.output_axis, self.groupable)
 
+    def layer_range_shape(self, layer: nn.Module, granularity: Granularity) -> RangeShape:
+        """`range_shape` for this very layer, whose settings (its groups) may rule out a granularity its weight shape allows.
+
+        Raises:
+            ValueError: as `range_shape`, or the layer's settings do not fit the granularity.
+        """
+        return self.range_shape(self.weight_shape(layer), granularity)
+
     # ------------------------------------------------------------------ float -> fake-quantized
-    def quantize(self, layer: nn.Module, config: QuantizerFactory, float_input: bool = False) -> None:
-        """Give a float layer quantizers built by ``config`` (none on its input with ``float_input``)."""
-        shape = self.range_shape(tuple(layer.weight.shape), config.weight_granularity)
-        weight_quantizer = config.weight_quantizer(layer.weight, shape)
-        weight_quantizer.size = layer.weight.numel()
-        self.install_quantizers(layer, weight_quantizer, None if float_input else config.input_quantizer())
+    def quantize(
+        self,
+        layer: nn.Module,
+        config: QuantizerFactory,
+        float_input: bool = False,
+        shared: Optional[dict[int, BaseQuantizer]] = None,
+    ) -> None:
+        """Give a float layer quantizers built by ``config`` (none on its input with ``float_input`` or `weights_only`).
+
+        ``shared`` maps ``id(weight parameter)`` to the weight quantizer already built for it:
+        a layer whose weight is another's (tied weights, as GPT-2's ``lm_head`` and ``wte``)
+        gets that same quantizer, so the weight is quantized once, counted once in the budget
+        and stays tied; a new quantizer is added to it.
+
+        Raises:
+            ValueError: the granularity does not fit the layer, or the shared quantizer's ranges do not fit it.
+        """
+        shape = self.layer_range_shape(layer, config.weight_granularity)
+        weight = layer.weight
+        weight_quantizer = None if shared is None else shared.get(id(weight))
+        if weight_quantizer is None:
+            weight_quantizer = config.weight_quantizer(weight, shape)
+            weight_quantizer.size = weight.numel()
+            if shared is not None:
+                shared[id(weight)] = weight_quantizer
+        elif tuple(weight_quantizer.range_shape) != tuple(shape):
+            raise ValueError(
+                f"this {self.name} shares its weight with another layer whose ranges are {tuple(weight_quantizer.range_shape)}, "
+                f"where this layer's would be {tuple(shape)}; use weight_granularity='tensor', or leave one of them out with exclude"
+            )
+        input_quantizer = None if float_input or self.weights_only else config.input_quantizer()
+        self.install_quantizers(layer, weight_quantizer, input_quantizer)
 
     def install_quantizers(
         self, layer: nn.Module, weight_quantizer: BaseQuantizer, input_quantizer: Optional[BaseQuantizer]
@@ -475,40 +669,24 @@ class LayerKind:
         """
         if type(layer) is not self.fake_quantized:
             raise TypeError(f"{type(layer).__name__} is not a fake-quantized {self.name}")
-        wq = layer.weight_quantizer
-        with torch.no_grad():
-            w_bits = torch.tensor(float(wq.rounded_bits()), device=layer.weight.device)
-            w_alpha = wq.alpha.detach().float()
-            weight = layer.weight.detach().float()
-            codes = integer_codes(grouped_view(weight, wq.granularity), w_alpha, w_bits, signed=True).reshape(weight.shape)
-            scale = (w_alpha / num_levels(w_bits, True)).detach().clone()
-            iq = layer.input_quantizer
-            input_zero_point = 0
-            if iq is not None and iq.calibrated:
-                input_bits: Optional[int] = iq.rounded_bits()
-                input_alpha = iq.alpha.detach().float().clone()
-                input_signed, input_numel = iq.signed, iq.size
-                # The quantizer's own zero point at the bits the layer keeps: the same float32 formula.
-                zero = iq.zero_point_code(torch.tensor(float(input_bits), device=input_alpha.device))
-                input_zero_point = 0 if zero is None else int(zero)
-            else:
-                input_bits, input_alpha, input_signed, input_numel = None, torch.zeros((), device=codes.device), True, 0
-        weight_bits = int(w_bits.item())
+        values = integer_values(layer)
+        input_numel = layer.input_quantizer.size if values.input_bits is not None else 0
+        weight_bits, granularity = values.weight_bits, values.weight_granularity
         del layer.weight_quantizer
         del layer.input_quantizer
         del layer.weight
         layer.__class__ = self.integer
         self._set_integer_state(
             layer,
-            codes.to(code_dtype(weight_bits)),
-            scale,
-            input_alpha,
+            values.weight_codes.to(code_dtype(weight_bits)),
+            values.weight_scale,
+            values.input_alpha,
             weight_bits,
-            input_bits,
-            input_signed,
+            values.input_bits,
+            values.input_signed,
             input_numel,
-            wq.granularity,
-            input_zero_point,
+            granularity,
+            values.input_zero_point,
         )
 
     # ------------------------------------------------------------------ float -> integer
@@ -550,7 +728,7 @@ class LayerKind:
         if tuple(weight_codes.shape) != tuple(weight.shape):
             raise ValueError(f"weight codes of shape {tuple(weight_codes.shape)} do not fit a weight of shape {tuple(weight.shape)}")
         check_codes(weight_codes, weight_bits, "weight codes")
-        shape = self.range_shape(tuple(weight.shape), weight_granularity)
+        shape = self.layer_range_shape(layer, weight_granularity)
         if weight_scale.numel() != math.prod(shape):
             raise ValueError(f"{weight_scale.numel()} weight scales do not fit ranges of shape {shape}")
         device = weight.device
@@ -593,19 +771,22 @@ class LayerKind:
         layer.input_zero_point = input_zero_point
 
     # ------------------------------------------------------------------ any form -> float
-    def to_float(self, layer: nn.Module) -> None:
+    def to_float(self, layer: nn.Module, dequantize: bool = False) -> None:
         """Turn a fake-quantized layer back into its float form (its weight kept), or an integer
-        layer into a float one whose weight is zeros of the right shape (to be loaded)."""
+        layer into a float one whose weight is zeros of the right shape (to be loaded), or with
+        ``dequantize`` its codes times their steps (float32)."""
         form = self.form_of(layer)
         if form == "fake":
             del layer.weight_quantizer
             del layer.input_quantizer
         elif form == "integer":
             shape, device = layer.weight_codes.shape, layer.weight_codes.device
+            weight = layer.dequantized_weight(torch.float32).detach() if dequantize else torch.zeros(shape, device=device)
             for name in INTEGER_STATE_KEYS[:3]:
                 delattr(layer, name)
+            layer.__dict__.pop(WEIGHT_TIE_ATTRIBUTE, None)  # a float layer is tied by sharing its Parameter
             layer.__class__ = self.float_type
-            layer.weight = nn.Parameter(torch.zeros(shape, device=device))
+            layer.weight = nn.Parameter(weight)
             return
         elif form is None:
             raise TypeError(f"{type(layer).__name__} is not a {self.name} in any form")

@@ -15,15 +15,24 @@ from torch import Tensor, nn
 InputFn = Callable[[Any], Any]
 #: Dict keys tried, in order, for the model input of a dict batch.
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
+#: Keys that mark a Hugging Face style dict batch: the whole dict less its labels is the input.
+KEYWORD_INPUT_KEYS = ("input_ids", "inputs_embeds")
+#: Keys of the targets in such a batch, which the model is called without.
+LABEL_KEYS = ("labels", "label", "label_ids")
 
 
 def default_input_fn(batch: Any) -> Any:
-    """The model input of a batch: the batch itself, its first element, or a usual dict key."""
+    """The model input of a batch: the batch itself, its first element, a usual dict key, or
+    for a Hugging Face style dict (one with ``input_ids``) the dict less its labels, passed as
+    keyword arguments."""
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
     if isinstance(batch, Mapping):
+        if any(key in batch for key in KEYWORD_INPUT_KEYS):
+            # {"input_ids", "attention_mask", "labels", ...}: called as model(**inputs) without the labels.
+            return {key: value for key, value in batch.items() if key not in LABEL_KEYS}
         for key in INPUT_KEYS:
             if key in batch:
                 return batch[key]

@@ -39,11 +39,17 @@ def integer_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, BaseQuantizer]]:
-    """``(name, quantizer)`` for every quantizer, weights before inputs within a layer."""
+    """``(name, quantizer)`` for every quantizer, each once, weights before inputs within a layer.
+
+    Layers with one weight (tied, see `lightning_nipq.layers.tied_weights`) share one weight
+    quantizer: it is listed once, under the first layer's name.
+    """
+    seen: set[int] = set()
     for name, layer in quantized_layers(model):
-        yield f"{name}.weight_quantizer", layer.weight_quantizer
-        if layer.input_quantizer is not None:
-            yield f"{name}.input_quantizer", layer.input_quantizer
+        for role, quantizer in (("weight", layer.weight_quantizer), ("input", layer.input_quantizer)):
+            if quantizer is not None and id(quantizer) not in seen:
+                seen.add(id(quantizer))
+                yield f"{name}.{role}_quantizer", quantizer
 
 
 def _tracks_statistics(module: nn.Module) -> bool:
@@ -83,6 +89,11 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def matrix_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The module's own parameters of two or more dimensions: what makes it a weight-bearing layer."""
+    return [(name, p) for name, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+
+
 def unquantizable_reason(module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
     """Why a module that holds a matrix-like weight is not quantized, or None if it is a target (or holds none)."""
     if isinstance(parent, nn.MultiheadAttention):
@@ -92,13 +103,30 @@ def unquantizable_reason(module: nn.Module, parent: Optional[nn.Module]) -> Opti
             "nn.MultiheadAttention uses its packed in_proj_weight inside F.multi_head_attention_forward; "
             "write the projections as nn.Linear layers to quantize them"
         )
-    if kind_of(module) is not None:
+    kind = kind_of(module)
+    if kind is not None:
+        return kind.refusal(module) if kind.form_of(module) == "float" else None
+    own = matrix_parameters(module)
+    if not own:
         return None
+    names = ", ".join(name for name, _ in own)
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return (
+            f"recurrent layers are not supported: {type(module).__name__} multiplies its weights ({names}) inside torch's "
+            "recurrent kernel, not through a layer's forward; write the cell's gates as nn.Linear layers to quantize "
+            "them, or keep it in float"
+        )
     if isinstance(module, tuple(kind.float_type for kind in LAYER_KINDS)):
         return f"{type(module).__name__} subclasses a supported layer and may override its forward"
-    if any(p.dim() >= 2 for p in module.parameters(recurse=False)):
-        return f"{type(module).__name__} is not a supported layer type ({supported_names()})"
-    return None
+    if any(True for _ in module.children()):
+        return (
+            f"{type(module).__name__} uses its own parameters ({names}) directly in its forward, as learned tensors rather "
+            "than through a layer; they stay float"
+        )
+    return (
+        f"{type(module).__name__} is not a supported layer type ({supported_names()}); "
+        "lightning_nipq.layers.register_layer_kind adds a kind"
+    )
 
 
 def _parents(model: nn.Module) -> dict[int, nn.Module]:
@@ -138,7 +166,8 @@ def plan_layers(
         if is_integer(module):
             raise ValueError(
                 f"{name} is an integer layer, whose float weights are gone; build the model afresh (or load a float "
-                "checkpoint into a fresh instance) to quantize it again"
+                "checkpoint into a fresh instance) to quantize it again, or call detach_quantizers(model) to quantize "
+                "float layers holding the dequantized weights"
             )
         reason = unquantizable_reason(module, parents.get(id(module)))
         if reason is not None:
@@ -154,16 +183,41 @@ def plan_layers(
     return targets, skipped
 
 
-def left_in_float(model: nn.Module) -> list[tuple[str, str]]:
-    """Modules holding a matrix-like weight that are neither quantized nor integer, with why."""
+#: How `left_in_float` names the model itself, when it holds a matrix-like parameter of its own.
+MODEL_ITSELF = "(the model)"
+
+
+def _float_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(name, why, module)`` for every module holding a matrix-like weight that is neither quantized nor integer."""
     parents = _parents(model)
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not name or is_quantized(module) or is_integer(module):
-            continue
+        if is_quantized(module) or is_integer(module) or (not name and kind_of(module) is not None):
+            continue  # the model itself is never a target: a bare layer is not listed
         reason = unquantizable_reason(module, parents.get(id(module)))
-        if reason is None and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        if reason is None and matrix_parameters(module):
             reason = "excluded (include/exclude)"
-        if reason is not None:
-            out.append((name, reason))
+        if reason is not None and (name or matrix_parameters(module)):
+            out.append((name or MODEL_ITSELF, reason, module))
     return out
+
+
+def left_in_float(model: nn.Module) -> list[tuple[str, str]]:
+    """Modules holding a matrix-like weight (parameters of two or more dimensions) that are neither quantized nor integer, with why.
+
+    The model itself is listed as ``"(the model)"`` when it holds such a parameter of its own
+    (a learned position tensor).
+    """
+    return [(name, reason) for name, reason, _ in _float_layers(model)]
+
+
+def float_weight_numel(model: nn.Module) -> int:
+    """Elements of the matrix-like parameters that the modules of `left_in_float` hold, each parameter counted once."""
+    seen: set[int] = set()
+    total = 0
+    for _, _, module in _float_layers(model):
+        for _, p in matrix_parameters(module):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total

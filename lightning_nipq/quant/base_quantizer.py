@@ -99,6 +99,10 @@ class BaseQuantizer(nn.Module):
         #: Random source of quantizers that draw noise (None: torch's global one). The
         #: callbacks set it on every quantizer.
         self.generator: Optional[torch.Generator] = None
+        #: For input quantizers: ``True`` keeps the input float (the quantizer passes it through and
+        #: is never calibrated), ``False`` quantizes it, ``None`` lets calibration decide by data
+        #: flow: an input that is the model's own input on the first calibration batch stays float.
+        self.stays_float: Optional[bool] = False
 
     # ------------------------------------------------------------------ configuration
     def config(self) -> dict[str, Any]:
@@ -288,6 +292,9 @@ class BaseQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if self.stays_float:
+            # Zero-weighted use of the parameters, as while uncalibrated: DDP expects their gradients.
+            return x + self._parameters_in_use().to(x.dtype) * 0.0
         if not self.calibrated:
             if self.training and self.observer is not None:
                 if self.deferred_observations is not None and torch.compiler.is_compiling():
@@ -321,6 +328,7 @@ class BaseQuantizer(nn.Module):
             "calibrated": self.calibrated,
             "size": self.size,
             "macs": self.macs,
+            "stays_float": self.stays_float,
         }
 
     def set_extra_state(self, state: Any) -> None:
@@ -328,6 +336,8 @@ class BaseQuantizer(nn.Module):
         self._check_layout_unchanged(config)
         self._apply_config(config)
         self.frozen_bits, self.calibrated, self.size, self.macs = rest
+        # Absent in states saved before inputs could be left float by data flow: quantized.
+        self.stays_float = state.get("stays_float", False)
 
     @classmethod
     def check_state(cls, state: Any) -> tuple[dict[str, Any], tuple[Optional[int], bool, int, int]]:
@@ -353,6 +363,11 @@ class BaseQuantizer(nn.Module):
         calibrated = state.get("calibrated")
         if not isinstance(calibrated, bool):
             raise ValueError(f"calibrated must be True or False, got {calibrated!r}")
+        stays_float = state.get("stays_float", False)
+        if stays_float is not None and not isinstance(stays_float, bool):
+            raise ValueError(f"stays_float must be True, False or None, got {stays_float!r}")
+        if stays_float and calibrated:
+            raise ValueError("a quantizer whose input stays float is never calibrated, but the state says calibrated=True")
         counts = []
         for name in ("size", "macs"):
             value = state.get(name)

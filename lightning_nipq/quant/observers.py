@@ -17,10 +17,14 @@ The range (its top, with a zero point) comes from:
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.quant.codes import MAX_NEGATIVE_SHARE
@@ -57,6 +61,61 @@ def zero_point_share(low: float, alpha: float) -> float:
     return min(-low / (alpha - low), MAX_NEGATIVE_SHARE)
 
 
+def _holds(record: dict[int, "weakref.ref[Tensor]"], t: Tensor) -> bool:
+    ref = record.get(id(t))
+    return ref is not None and ref() is t
+
+
+class ModelInputFlow(TorchFunctionMode):
+    """Follows which tensors are computed from the model's own inputs alone, while a batch runs.
+
+    A tensor derives from the model's input if some operand of the op that made it did and no
+    operand is a parameter or derives from one: ``x / 255``, ``x.view(...)`` or dropout keep
+    the derivation, while an embedding lookup, a linear layer or a LayerNorm with weights end
+    it. Buffers and constants (a normalisation's mean) are neither. Tensors are held weakly:
+    the record never keeps an activation alive, and an address reused by a new tensor is not
+    mistaken for the old one.
+    """
+
+    def __init__(self, model_inputs: list[Tensor]) -> None:
+        super().__init__()
+        self._from_input: dict[int, weakref.ref[Tensor]] = {}
+        self._from_weights: dict[int, weakref.ref[Tensor]] = {}
+        for t in model_inputs:
+            self._from_input[id(t)] = weakref.ref(t)
+
+    def is_model_input(self, t: Tensor) -> bool:
+        """Whether ``t`` was computed from the model's inputs alone (or is one)."""
+        return _holds(self._from_input, t)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        operands = _tensors_in((args, kwargs))
+        weighted = any(isinstance(t, torch.nn.Parameter) or _holds(self._from_weights, t) for t in operands)
+        from_input = not weighted and any(_holds(self._from_input, t) for t in operands)
+        if weighted or from_input:
+            record = self._from_weights if weighted else self._from_input
+            for t in _tensors_in(out):
+                try:
+                    record[id(t)] = weakref.ref(t)
+                except TypeError:  # not every tensor-like takes a weak reference
+                    pass
+        return out
+
+
+def _tensors_in(value: Any, depth: int = 0) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if depth > 8:  # a batch nests a few levels at most; deeper is a cycle or not a batch
+        return []
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors_in(v, depth + 1)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v, depth + 1)]
+    return []
+
+
 class RangeObserver:
     """Records the inputs of the quantizers it watches, and sets their ranges and signs from them.
 
@@ -78,6 +137,11 @@ class RangeObserver:
         self._min: dict[int, float] = {}
         self._percentile_sum: dict[int, float] = {}
         self._samples: dict[int, list[Tensor]] = {}
+        #: Storage addresses of the model's own input tensors in the current batch (`note_model_inputs`).
+        self._model_inputs: set[int] = set()
+        #: Quantizers deciding by data flow whose first input was the model's own input.
+        self._fed_model_input: set[int] = set()
+        self._flow: Optional[ModelInputFlow] = None
 
     def watch(self, quantizer: BaseQuantizer, name: str = "") -> None:
         """Have ``quantizer`` (called ``name`` in messages and the saved state) report its inputs here until `finish`."""
@@ -85,9 +149,46 @@ class RangeObserver:
         self._quantizers[id(quantizer)] = quantizer
         self._names[id(quantizer)] = name or f"quantizer {len(self._names)}"
 
+    def note_model_inputs(self, batch: Any) -> None:
+        """Remember the tensors of ``batch`` (nested in tuples, lists and dicts): the model's own inputs.
+
+        Call it before the model runs on each calibration batch. An input quantizer whose
+        `BaseQuantizer.stays_float` is None, and whose first observed input shares its memory
+        with one of them (the tensor itself or a view of it), keeps its input float. The batch
+        is alive while the model runs on it, so no other tensor can share those addresses.
+        """
+        self._model_inputs = {t.untyped_storage().data_ptr() for t in _tensors_in(batch) if t.numel() > 0}
+
+    @contextlib.contextmanager
+    def tracing_model_inputs(self, batch: Any, follow_ops: bool = True) -> Iterator[None]:
+        """Run the model on ``batch`` inside this: inputs computed from the batch alone are recognised.
+
+        `note_model_inputs` sees a layer fed a batch tensor (or a view of one); this also sees
+        one fed ``x / 255`` or a dropout of it (`ModelInputFlow`). It follows the ops only while
+        some watched quantizer decides by data flow and has not seen its first input yet, and
+        not with ``follow_ops=False`` (for compiled models, which cannot run under the mode).
+        """
+        self.note_model_inputs(batch)
+        pending = any(q.stays_float is None and key not in self._batches for key, q in self._quantizers.items())
+        if not pending or not follow_ops or torch.compiler.is_compiling():
+            yield
+            return
+        flow = ModelInputFlow(_tensors_in(batch))
+        self._flow = flow
+        try:
+            with flow:
+                yield
+        finally:
+            self._flow = None
+
     @torch.no_grad()
     def observe(self, quantizer: BaseQuantizer, x: Tensor) -> None:
         """Record one input of ``quantizer``; the first one also sets its size (its weight in the average bits)."""
+        key = id(quantizer)
+        if quantizer.stays_float is None and key not in self._batches and x.numel() > 0:
+            flow = self._flow
+            if x.untyped_storage().data_ptr() in self._model_inputs or (flow is not None and flow.is_model_input(x)):
+                self._fed_model_input.add(key)
         flat = x.detach().reshape(-1).float()
         if flat.numel() == 0:
             return
@@ -119,7 +220,13 @@ class RangeObserver:
                     "min": self._min[key],
                     "percentile_sum": self._percentile_sum.get(key, 0.0),
                 }
-        return {"method": self.method, "percentile": self.percentile, "statistics": stats, "generator": self._generator.get_state()}
+        return {
+            "method": self.method,
+            "percentile": self.percentile,
+            "statistics": stats,
+            "generator": self._generator.get_state(),
+            "fed_model_input": sorted(self.float_inputs()),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict`: the statistics of the watched quantizers of the same names."""
@@ -138,6 +245,8 @@ class RangeObserver:
             self._min[key] = float(stats["min"])
             self._percentile_sum[key] = float(stats["percentile_sum"])
         self._generator.set_state(state["generator"])
+        fed = set(state.get("fed_model_input", []))
+        self._fed_model_input = {key for name, key in by_name.items() if name in fed}
 
     @property
     def batches_seen(self) -> int:
@@ -198,7 +307,13 @@ class RangeObserver:
                 ],
                 dtype=torch.float64,
             )
-        for (_, quantizer), alpha, low, zp in zip(watched, alphas.tolist(), lows.tolist(), zero):
+        for (key, quantizer), alpha, low, zp in zip(watched, alphas.tolist(), lows.tolist(), zero):
+            quantizer.observer = None
+            if quantizer.stays_float is None:
+                # Decided by data flow: the model's own input stays float, every other input is quantized.
+                quantizer.stays_float = key in self._fed_model_input
+                if quantizer.stays_float:
+                    continue
             alpha = alpha if alpha > 0 else 1.0
             share = zero_point_share(low, alpha) if zp else 0.0
             quantizer.set_range(alpha, signed=low < 0.0 and not zp, negative_share=share)
@@ -206,3 +321,9 @@ class RangeObserver:
         self._quantizers.clear()
         self._names.clear()
         self._samples.clear()
+        self._model_inputs.clear()
+        self._fed_model_input.clear()
+
+    def float_inputs(self) -> list[str]:
+        """Names of the watched quantizers that data flow has so far found fed by the model's own input."""
+        return [self._names[key] for key in self._fed_model_input if key in self._names]

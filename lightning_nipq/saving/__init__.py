@@ -10,7 +10,7 @@ from lightning_nipq.saving.checkpoint import (
     quantization_state_digest,
     read_checkpoint,
 )
-from lightning_nipq.saving.onnx_export import compare_onnx, export_onnx, onnx_session
+from lightning_nipq.saving.onnx_export import compare_onnx, export_form, export_onnx, onnx_session
 
 __all__ = [
     "ArtifactError",
@@ -18,6 +18,7 @@ __all__ = [
     "NIPQCheckpointMixin",
     "artifact_sizes",
     "compare_onnx",
+    "export_form",
     "export_onnx",
     "load_nipq_checkpoint",
     "load_quantized",

@@ -16,6 +16,12 @@ Layout of the file written by `save_quantized`:
   (``folded_batchnorms``: name, the layer it went into, its type and width, whether folding
   made the layer's bias; absent when none is) and a sha256 checksum.
 
+Layers that hold one weight (tied weights, as GPT-2's ``lm_head`` and ``wte``) store it
+once: the later layer's entry is ``tied_to`` the earlier one, has no codes or steps of its
+own, and repeats the shape, bits, granularity and per-tensor step, which reading checks
+against the entry it names (version 3). Loading makes the two integer layers share one
+tensor of codes and one of steps.
+
 A single scale or alpha lives in the manifest rather than as a tensor: as a JSON number it
 round-trips a float32 exactly, it costs no safetensors header entry, and the checksum
 covers the manifest too. Many steps (per channel or group) are a tensor. Nothing is ever
@@ -70,12 +76,14 @@ from lightning_nipq.layers.forms import (
 from lightning_nipq.layers.layer_kinds import describe_layer, kind_named, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers, require_integer_model
 from lightning_nipq.layers.restore_point import restore_point
+from lightning_nipq.layers.tied_weights import integer_ties, tie_integer_layers
 from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.saving.bit_packing import pack_codes, packed_size, unpack_codes
 
 FORMAT_NAME = "lightning-nipq-integer"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+#: 3: an entry may be ``tied_to`` an earlier one, whose codes and steps it shares (tied weights).
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 METADATA_KEY = "lightning_nipq"
 PACKED_SUFFIX = "weight_codes.packed"
 #: The per-channel or per-group steps of a layer's weight.
@@ -131,7 +139,7 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def _layer_entry(names: list[str], layer: IntegerLayerMixin) -> dict[str, Any]:
+def _layer_entry(names: list[str], layer: IntegerLayerMixin, tied_to: Optional[str] = None) -> dict[str, Any]:
     kind = kind_of(layer)  # type: ignore[arg-type]
     assert kind is not None
     n_w = num_levels(layer.weight_bits, True)
@@ -155,6 +163,9 @@ def _layer_entry(names: list[str], layer: IntegerLayerMixin) -> dict[str, Any]:
     }
     if len(names) > 1:
         entry["aliases"] = names[1:]
+    if tied_to is not None:
+        # Tied weights: the codes and steps are those of the entry named tied_to, stored there only.
+        entry["tied_to"] = tied_to
     return entry
 
 
@@ -198,6 +209,7 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
     path = Path(path)
     require_integer_model(model, "saving", ArtifactError)
     layers = named_layers(model, is_integer)
+    ties = integer_ties([(names[0], layer) for names, layer in layers])
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
     entries = []
@@ -205,10 +217,13 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
         for name in names:
             for key in INTEGER_STATE_KEYS:
                 state.pop(_prefix(name) + key, None)
+        tied_to = ties.get(id(layer))
+        entries.append(_layer_entry(names, layer, tied_to))
+        if tied_to is not None:
+            continue  # one weight, stored once: under the layer it is tied to
         tensors[_prefix(names[0]) + PACKED_SUFFIX] = pack_codes(layer.weight_codes, layer.weight_bits)
         if layer.weight_granularity != "tensor":
             tensors[_prefix(names[0]) + SCALES_SUFFIX] = layer.weight_scale.detach().float().cpu().contiguous()
-        entries.append(_layer_entry(names, layer))
     folds = folded_batchnorms(model)
     for names, _ in folds:
         for name in names:
@@ -324,14 +339,16 @@ class _Layer:
     input_alpha: float
     weight_granularity: Any = "tensor"
     input_zero_point: int = 0
+    #: The name of the earlier entry whose codes and steps this one shares (tied weights), or None.
+    tied_to: Optional[str] = None
 
     @property
     def packed_key(self) -> str:
-        return _prefix(self.names[0]) + PACKED_SUFFIX
+        return _prefix(self.tied_to if self.tied_to is not None else self.names[0]) + PACKED_SUFFIX
 
     @property
     def scales_key(self) -> str:
-        return _prefix(self.names[0]) + SCALES_SUFFIX
+        return _prefix(self.tied_to if self.tied_to is not None else self.names[0]) + SCALES_SUFFIX
 
     @property
     def numel(self) -> int:
@@ -414,8 +431,15 @@ def _number(path: Path, field: str, value: Any, positive: bool) -> float:
     return float(value)
 
 
-def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Stored]) -> _Layer:
-    """One entry of ``layers``, checked against the format and against its packed tensor."""
+def _check_layer(
+    path: Path, field: str, entry: Any, stored: Mapping[str, _Stored], owners: Optional[Mapping[str, _Layer]] = None
+) -> _Layer:
+    """One entry of ``layers``, checked against the format and against its packed tensor.
+
+    ``owners`` are the earlier entries that store their own codes, by name: an entry
+    ``tied_to`` one of them shares its codes and steps, so its shape, bits, granularity and
+    per-tensor step must be that entry's.
+    """
     if not isinstance(entry, dict):
         raise _damaged(path, field, f"must be an object, got {type(entry).__name__}")
 
@@ -448,7 +472,17 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
     except ValueError as e:
         raise ArtifactError(f"{path}: {e}; the file was damaged or edited after it was written: {_FIX}") from None
 
-    key = _prefix(name) + PACKED_SUFFIX
+    tied_to = entry.get("tied_to")
+    owner = None
+    if tied_to is not None:
+        owner = (owners or {}).get(tied_to) if isinstance(tied_to, str) else None
+        if owner is None:
+            raise _damaged(path, f"{field}.tied_to", f"must name an earlier layer that stores its own codes, got {_shown(tied_to)}")
+        if (owner.weight_bits, owner.weight_granularity) != (weight_bits, granularity):
+            raise _damaged(
+                path, field, f"is tied to {tied_to!r}, whose codes are {owner.weight_bits}-bit {owner.weight_granularity!r}, not {weight_bits}-bit {granularity!r}"
+            )
+    key = _prefix(tied_to if owner is not None else name) + PACKED_SUFFIX
     packed = stored.get(key)
     if packed is None:
         raise _damaged(path, f"{field}.name", f"names layer {name!r}, but the file lacks its codes {key!r}")
@@ -466,15 +500,19 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
             f"but {key!r} holds {packed_bytes}",
         )
 
+    if owner is not None and shape != owner.weight_shape:
+        raise _damaged(path, f"{field}.weight_shape", f"is {list(shape)}, but the layer it is tied to, {tied_to!r}, has {list(owner.weight_shape)}")
     weight_scale: Optional[float] = None
     if granularity == "tensor":
         weight_scale = _number(path, f"{field}.weight_scale", value("weight_scale"), positive=True)
+        if owner is not None and weight_scale != owner.weight_scale:
+            raise _damaged(path, f"{field}.weight_scale", f"is {weight_scale!r}, but the layer it is tied to, {tied_to!r}, has {owner.weight_scale!r}")
         weight_alpha = _number(path, f"{field}.weight_alpha", value("weight_alpha"), positive=True)
         # Written as weight_scale * n and never read back: a disagreement means one of them was edited.
         if not math.isclose(weight_alpha, weight_scale * num_levels(weight_bits, True), rel_tol=1e-6):
             raise _damaged(path, f"{field}.weight_alpha", f"{weight_alpha!r} is not weight_scale * {num_levels(weight_bits, True)}")
     else:
-        scales_key = _prefix(name) + SCALES_SUFFIX
+        scales_key = _prefix(tied_to if owner is not None else name) + SCALES_SUFFIX
         try:
             expected = kind.range_shape(shape, granularity)
         except ValueError as e:
@@ -497,6 +535,7 @@ def _check_layer(path: Path, field: str, entry: Any, stored: Mapping[str, _Store
         input_alpha=input_alpha,
         weight_granularity=granularity,
         input_zero_point=input_zero_point,
+        tied_to=tied_to if owner is not None else None,
     )
 
 
@@ -529,8 +568,11 @@ def _check_manifest(path: Path, manifest: dict[str, Any], stored: Mapping[str, _
         raise _damaged(path, "layers", f"must be a non-empty list of integer layers, got {_shown(entries)}")
     layers = []
     owner: dict[str, str] = {}  # each module name to the field that names it
+    storing: dict[str, _Layer] = {}  # the entries that store their own codes, by name: what a later one may be tied to
     for index, entry in enumerate(entries):
-        layer = _check_layer(path, f"layers[{index}]", entry, stored)
+        layer = _check_layer(path, f"layers[{index}]", entry, stored, storing)
+        if layer.tied_to is None:
+            storing[layer.names[0]] = layer
         for position, name in enumerate(layer.names):
             field = f"layers[{index}].name" if position == 0 else f"layers[{index}].aliases[{position - 1}]"
             if name in owner:
@@ -587,6 +629,10 @@ def _check_folds(
         if id(layer) in folded_into:
             raise _damaged(path, f"{field}.into", f"{settings.into!r} already takes {folded_into[id(layer)]}: one BatchNorm per layer")
         folded_into[id(layer)] = field
+        if not layer.kind.foldable or layer.tied_to is not None or any(other.tied_to == layer.names[0] for other in layers):
+            raise _damaged(
+                path, f"{field}.into", f"names {settings.into!r}, a {layer.kind.name} into which no BatchNorm folds (or one with a tied weight)"
+            )
         channels = layer.weight_shape[layer.kind.output_axis]
         if settings.num_features != channels:
             raise _damaged(path, f"{field}.num_features", f"is {settings.num_features}, but {settings.into!r} has {channels} output channels")
@@ -774,7 +820,11 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
             f"{path} was saved from a model ({manifest.model_class}) that does not match this {type(model).__name__}: "
             + "; ".join(problems)
         )
-    codes = [_unpack(path, index, layer, tensors) for index, layer in enumerate(manifest.layers)]
+    unpacked: dict[str, Tensor] = {}  # tied entries share their owner's codes: unpacked once
+    for index, layer in enumerate(manifest.layers):
+        if layer.packed_key not in unpacked:
+            unpacked[layer.packed_key] = _unpack(path, index, layer, tensors)
+    codes = [unpacked[layer.packed_key] for layer in manifest.layers]
     modules = dict(model.named_modules(remove_duplicate=False))
     scales = [_scales(path, index, layer, tensors) for index, layer in enumerate(manifest.layers)]
     full_state: dict[str, Any] = {k: v for k, v in tensors.items() if not k.endswith(_LAYER_SUFFIXES)}
@@ -798,6 +848,11 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
             integer_state = {k: v for k, v in module.state_dict().items() if k in INTEGER_STATE_KEYS}
             for name in layer.names:
                 full_state.update({_prefix(name) + k: v for k, v in integer_state.items()})
+        tied: dict[str, list[nn.Module]] = {}
+        for layer in manifest.layers:
+            tied.setdefault(layer.packed_key, []).append(modules[layer.names[0]])
+        for group in tied.values():
+            tie_integer_layers(group)  # one weight again: one tensor of codes and of steps
         for fold in manifest.folds:
             into = fold.settings.into
             folded = FoldedBatchNorm.replacing(modules[fold.names[0]], into, fold.settings.created_bias)
@@ -889,8 +944,9 @@ def artifact_sizes(path: PathLike) -> ArtifactSizes:
         _parse_manifest(path, metadata),
         {key: _Stored(e.dtype == "U8", e.shape, e.dtype == "F32") for key, e in entries.items()},
     )
-    code_bits = sum(layer.weight_bits * layer.numel for layer in manifest.layers)
-    weights = sum(layer.numel for layer in manifest.layers)
+    stored = [layer for layer in manifest.layers if layer.tied_to is None]  # a tied weight is stored (and counted) once
+    code_bits = sum(layer.weight_bits * layer.numel for layer in stored)
+    weights = sum(layer.numel for layer in stored)
     packed = other = float32 = 0
     for key, entry in entries.items():
         if key.endswith(PACKED_SUFFIX):
@@ -901,7 +957,7 @@ def artifact_sizes(path: PathLike) -> ArtifactSizes:
             continue  # steps of the quantized weights: the float model has none
         float32 += 4 * entry.numel if entry.dtype.startswith(("F", "BF")) else entry.nbytes
     # The float32 input alpha of each layer, and the one weight step of each per-tensor layer (the manifest's).
-    other += 4 * len(manifest.layers) + 4 * sum(layer.weight_scale is not None for layer in manifest.layers)
+    other += 4 * len(manifest.layers) + 4 * sum(layer.weight_scale is not None for layer in stored)
     return ArtifactSizes(
         file_bytes=path.stat().st_size,
         packed_code_bytes=packed,

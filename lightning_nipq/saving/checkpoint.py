@@ -10,7 +10,9 @@ dict needs, with quantizers rebuilt from their saved settings, never from defaul
 ``load_state_dict`` then fills it. A BatchNorm folded into the integer layer before it
 (`lightning_nipq.layers.folded_batchnorm`) is saved as ``X._extra_state`` in the fold format,
 naming that layer, so the BatchNorm of a fresh model is replaced before loading too (and
-built back for a state dict that does not fold it). Lightning checkpoints also carry a readable manifest
+built back for a state dict that does not fold it). Layers of the fresh model that hold one
+weight (tied, see `lightning_nipq.layers.tied_weights`) get one weight quantizer, or one
+tensor of codes and of steps, where the state dict saves them alike. Lightning checkpoints also carry a readable manifest
 under ``checkpoint["nipq"]``, which is checked for its format version and holds a digest of
 the quantization state (`quantization_state_digest`), checked before anything is loaded.
 
@@ -23,6 +25,7 @@ that would make the outputs NaN or wrong.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import pickle
@@ -45,9 +48,17 @@ from lightning_nipq.layers.folded_batchnorm import (
     remove_bias,
     replace_everywhere,
 )
-from lightning_nipq.layers.forms import LayerKind, check_saved_integer_layer, check_saved_quantizer
+from lightning_nipq.layers.forms import (
+    WEIGHT_TIE_ATTRIBUTE,
+    LayerKind,
+    check_saved_integer_layer,
+    check_saved_quantizer,
+    is_integer,
+    is_quantized,
+)
 from lightning_nipq.layers.layer_kinds import describe_layer, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers
+from lightning_nipq.layers.tied_weights import tie_integer_layers, tied_groups
 from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 
 MANIFEST_KEY = "nipq"
@@ -178,7 +189,6 @@ def _range_shape_problem(
     kind: LayerKind, module: nn.Module, form: str, built: Any, state_dict: Mapping[str, Any], name: str
 ) -> Optional[str]:
     """Whether the saved ranges (a weight quantizer's, or an integer layer's scales) fit this layer's weight."""
-    shape = kind.weight_shape(module)
     if form == "fake":
         weight_q = built[0]
         if weight_q is None:
@@ -191,7 +201,7 @@ def _range_shape_problem(
             return None
         have = tuple(scale.shape)
     try:
-        expected = kind.range_shape(shape, granularity)
+        expected = kind.layer_range_shape(module, granularity)
     except ValueError as e:
         return str(e)
     if tuple(have) != tuple(expected):
@@ -252,7 +262,10 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
         raise CheckpointMismatchError(
             "the checkpoint does not match the model: " + "; ".join(problems) + ". Load it into the architecture that saved it."
         )
-    for names, layer in named_layers(model, lambda m: kind_of(m) is not None):
+    layers = named_layers(model, lambda m: kind_of(m) is not None)
+    # Layers holding one weight (tied, as GPT-2's lm_head and wte), found before any form changes.
+    ties = tied_groups([(next((n for n in names if n in plan), names[0]), layer) for names, layer in layers])
+    for names, layer in layers:
         kind = kind_of(layer)
         assert kind is not None
         target = next((plan[n] for n in names if n in plan), None)
@@ -279,7 +292,7 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
             kind.integer_from_codes(
                 layer,
                 weight_codes=torch.zeros(shape, dtype=torch.int8),
-                weight_scale=torch.ones(kind.range_shape(shape, granularity)),
+                weight_scale=torch.ones(kind.layer_range_shape(layer, granularity)),
                 input_alpha=torch.zeros(()),
                 weight_bits=weight_bits,
                 input_bits=input_bits,
@@ -287,8 +300,69 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
                 input_numel=input_numel,
                 weight_granularity=granularity,
             )
+    for group in ties:
+        _tie_saved(group, state_dict)
     _prepare_folds(model, state_dict, modules, folds)
     disable_transformer_fast_path(model)
+
+
+def _saved_under(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def _same_saved(first: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two saved states (suffix -> value) hold the same keys and values."""
+    if first.keys() != other.keys():
+        return False
+    for key, value in first.items():
+        if isinstance(value, Tensor) or isinstance(other[key], Tensor):
+            same = isinstance(value, Tensor) and isinstance(other[key], Tensor) and value.shape == other[key].shape
+            if not (same and value.dtype == other[key].dtype and torch.equal(value, other[key].to(value.device))):
+                return False
+        elif value != other[key]:
+            return False
+    return True
+
+
+def _tie_saved(group: list[tuple[str, nn.Module]], state_dict: Mapping[str, Any]) -> None:
+    """Give layers holding one weight one weight quantizer, or one set of codes, where the state dict saves them alike.
+
+    Where the saved states differ (a checkpoint of an untied model), each layer keeps its
+    own, so that loading gives each its saved values instead of the last one to both.
+    """
+    names = [name for name, _ in group]
+    layers = [layer for _, layer in group]
+    first = layers[0]
+    if all(is_quantized(layer) for layer in layers):
+        saved = [_saved_under(state_dict, _prefixed(name, ".weight_quantizer.")) for name in names]
+        alike = all(_same_saved(saved[0], other) for other in saved[1:])
+        for layer in layers[1:]:
+            if alike:
+                layer.weight_quantizer = first.weight_quantizer
+            elif layer.weight_quantizer is first.weight_quantizer:
+                layer.weight_quantizer = copy.deepcopy(first.weight_quantizer)  # its own, filled by the load
+    elif all(is_integer(layer) for layer in layers):
+        saved = [_saved_weight(state_dict, name) for name in names]
+        if all(_same_saved(saved[0], other) for other in saved[1:]):
+            # The loaded values will be equal: share now, whatever the layers hold before loading.
+            tie_integer_layers(layers, check=False)
+        else:
+            for layer in layers:
+                layer.__dict__.pop(WEIGHT_TIE_ATTRIBUTE, None)
+                for key in ("weight_codes", "weight_scale"):
+                    layer.register_buffer(key, getattr(layer, key).clone())  # its own, filled by the load
+
+
+def _saved_weight(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """What a tied integer layer shares, as saved: its codes, steps, weight bits and granularity."""
+    extra = state_dict.get(_prefixed(name, _EXTRA_STATE))
+    extra = extra if isinstance(extra, Mapping) else {}
+    return {
+        "weight_codes": state_dict.get(_prefixed(name, _CODES)),
+        "weight_scale": state_dict.get(_prefixed(name, ".weight_scale")),
+        "weight_bits": extra.get("weight_bits"),
+        "weight_granularity": extra.get("weight_granularity", "tensor"),
+    }
 
 
 def _prepare_folds(model: nn.Module, state_dict: Mapping[str, Any], modules: dict[str, nn.Module], folds: dict[str, FoldSettings]) -> None:

@@ -43,9 +43,38 @@ def _layer_quantizers(model: nn.Module) -> list[Pair]:
     return [(layer.weight_quantizer, layer.input_quantizer) for _, layer in quantized_layers(model)]
 
 
+def unique(quantizers: Sequence[BaseQuantizer]) -> list[BaseQuantizer]:
+    """Each quantizer once, in order: layers with one (tied) weight share its quantizer, whose elements count once."""
+    seen: set[int] = set()
+    out = []
+    for q in quantizers:
+        if id(q) not in seen:
+            seen.add(id(q))
+            out.append(q)
+    return out
+
+
+def merged_pairs(pairs: Sequence[Pair]) -> list[Pair]:
+    """The pairs with each weight quantizer once, for the MAC-weighted budgets.
+
+    Layers with one (tied) weight share its quantizer, and its ``macs`` are those of the
+    first of them that multiplies (an ``nn.Embedding`` tied to an ``nn.Linear``, as GPT-2's,
+    has none, so the Linear's count). The merged pair takes the first input quantizer among
+    them; the BOPs of a second tied layer that quantizes its own input are not counted.
+    """
+    merged: dict[int, Pair] = {}
+    for w, a in pairs:
+        if id(w) not in merged or (merged[id(w)][1] is None and a is not None):
+            merged[id(w)] = (w, a)
+    return list(merged.values())
+
+
 def average_bits(quantizers: Sequence[BaseQuantizer]) -> Optional[Tensor]:
-    """Element-weighted mean of the rounded bits (straight-through), None if nothing has a size yet."""
-    sized = [q for q in quantizers if q.size > 0]
+    """Element-weighted mean of the rounded bits (straight-through), None if nothing has a size yet.
+
+    A quantizer listed twice (shared by tied layers) counts once.
+    """
+    sized = [q for q in unique(quantizers) if q.size > 0]
     if not sized:
         return None
     total = float(sum(q.size for q in sized))
@@ -119,7 +148,7 @@ class BitBudget:
     def excess(self, pairs: Sequence[Pair]) -> list[tuple[str, float, float]]:
         """``(what, learned value, target)`` for each quantity the budget bounds, from the learned (rounded) bits."""
         if self.budget == "bops":
-            measured = [(w, a) for w, a in pairs if w.macs > 0]
+            measured = [(w, a) for w, a in merged_pairs(pairs) if w.macs > 0]
             if not measured:
                 return []
             macs = float(sum(w.macs for w, _ in measured))
@@ -133,7 +162,7 @@ class BitBudget:
             return [("BOPs per MAC", learned, target)]
         rows = []
         weights = [w for w, _ in pairs]
-        inputs = [a for _, a in pairs if a is not None]
+        inputs = [a for _, a in pairs if a is not None and not a.stays_float]  # a float input has no bits
         for label, group, target_value in (
             ("average weight bits", weights, self.target_bits),
             ("average input bits", inputs, float(self.target_act_bits)),  # type: ignore[arg-type]
@@ -167,7 +196,7 @@ class BitBudget:
         weights = [w for w, _ in pairs]
         inputs = [a for _, a in pairs if a is not None and a.calibrated]
         for group, target in ((weights, self.target_bits), (inputs, float(self.target_act_bits))):  # type: ignore[arg-type]
-            sized = [q for q in group if q.size > 0]
+            sized = [q for q in unique(group) if q.size > 0]
             learning = [q for q in sized if q.learns_bits]
             if not learning:
                 continue
@@ -179,7 +208,7 @@ class BitBudget:
             _apply_shift(learning, _bisect(lambda d: (sizes * bits.at(d)).sum() - need, sizes.device))
 
     def _project_bops(self, pairs: Sequence[Pair]) -> None:
-        measured = [(w, a if a is not None and a.calibrated else None) for w, a in pairs if w.macs > 0]
+        measured = [(w, a if a is not None and a.calibrated else None) for w, a in merged_pairs(pairs) if w.macs > 0]
         learning = [q for pair in measured for q in pair if q is not None and q.learns_bits]
         if not learning:
             return
@@ -197,7 +226,7 @@ class BitBudget:
     def _bops_loss(
         self, pairs: Sequence[Pair], device: torch.device
     ) -> Tensor:
-        measured = [(w, a) for w, a in pairs if w.macs > 0]
+        measured = [(w, a) for w, a in merged_pairs(pairs) if w.macs > 0]
         learnable = any(w.learns_bits or (a is not None and a.learns_bits) for w, a in measured)
         if not measured or not learnable:
             return torch.zeros((), device=device)
@@ -351,7 +380,7 @@ def fit_bits_to_budget(quantizers: Sequence[BaseQuantizer], target: float, fill:
     can otherwise leave much of it unused (learned bits averaging 3 rounded to 2.67 on the
     demo's CNN). Returns ``{id(quantizer): bits}``.
     """
-    sized = [q for q in quantizers if q.size > 0]
+    sized = [q for q in unique(quantizers) if q.size > 0]
     if not sized:
         return {}
     total = float(sum(q.size for q in sized))
@@ -378,7 +407,7 @@ def fit_bops_to_budget(pairs: Sequence[Pair], target_bits: float, target_act_bit
     `fit_bits_to_budget`, the tolerance in bits of the weight times `target_act_bits`.
     Returns ``{id(quantizer): bits}``.
     """
-    measured = [(w, a if a is not None and a.calibrated else None) for w, a in pairs if w.macs > 0]
+    measured = [(w, a if a is not None and a.calibrated else None) for w, a in merged_pairs(pairs) if w.macs > 0]
     if not measured:
         return {}
     weight_total = float(sum(w.size for w, _ in measured)) or 1.0

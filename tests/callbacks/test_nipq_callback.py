@@ -52,8 +52,8 @@ def test_calibration_sets_sign_from_the_data():
     _fit(model, [NIPQCallback(target_bits=4, hard_epochs=0, calibration_batches=2)], epochs=1, data=image_blobs(64), val=False)
     assert model.grouped.input_quantizer.signed is False  # after BN + ReLU
     assert model.conv1d.input_quantizer.signed is True  # depthwise conv output
-    assert model.conv.input_quantizer is None  # raw model input stays float
-    assert all(q.calibrated for _, q in quantizers(model))
+    assert model.conv.input_quantizer.stays_float and not model.conv.input_quantizer.calibrated  # raw model input stays float
+    assert all(q.calibrated for _, q in quantizers(model) if not q.stays_float)
 
 
 class _BitsRecorder(Callback):
@@ -105,7 +105,7 @@ def test_phases_switch_and_bits_freeze_in_the_hard_phase():
 
     class Spy(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            qs = [q for _, q in quantizers(pl_module)]
+            qs = [q for _, q in quantizers(pl_module) if not q.stays_float]  # the stem's input stays float
             seen.append((trainer.current_epoch, batch_idx, sum(q.mode == "hard" for q in qs), all(not q.learns_bits for q in qs)))
 
     model = MLP()

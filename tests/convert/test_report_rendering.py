@@ -131,7 +131,7 @@ def test_saved_png_is_valid_sized_with_the_layers_and_changes_with_the_bits(tmp_
 def test_figure_of_a_real_integer_model_report(tmp_path):
     pytest.importorskip("matplotlib")
     model = MLP()
-    attach_quantizers(model)
+    attach_quantizers(model, float_input_layers=["stem"])
     for layer in (model.blocks[0].inner[0], model.blocks[1].inner[0], model.head):
         layer.input_quantizer.set_range(4.0, signed=False)
     x = blobs(32).tensors[0]

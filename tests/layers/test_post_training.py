@@ -95,7 +95,10 @@ def test_ptq_cnn_converts_exactly_and_keeps_float_accuracy_at_w8a8(digits_cnn, m
     result = post_training_quantize(model, calibration, weight_bits=8, act_bits=8, method=method)
     assert result.quantized == ["features.0", "features.3", "features.7", "classifier"]
     qs = dict(quantizers(model))
-    assert all(isinstance(q, LSQQuantizer) and q.calibrated for q in qs.values())
+    assert all(isinstance(q, LSQQuantizer) for q in qs.values())
+    # The first convolution takes the model's input: it stays float; every other input is calibrated.
+    assert qs["features.0.input_quantizer"].stays_float and not qs["features.0.input_quantizer"].calibrated
+    assert all(q.calibrated for name, q in qs.items() if name != "features.0.input_quantizer")
     # inputs after ReLU are unsigned and use all 2**8 levels on [0, alpha]
     assert not qs["features.3.input_quantizer"].signed
     fake_acc = accuracy(model, vx, vy)

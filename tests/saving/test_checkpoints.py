@@ -151,7 +151,7 @@ def test_non_default_quantizer_settings_reload_from_the_checkpoint_and_the_artif
     for reload in (MixinMLP.load_from_checkpoint, lambda p: load_nipq_checkpoint(MLP, p)):
         fresh = reload(tmp_path / "noise.ckpt")
         loaded = list(quantizers(fresh))
-        assert len(loaded) == 7  # 4 weights, 3 inputs (the stem's input stays float)
+        assert len(loaded) == 8  # 4 weights, 4 inputs (the stem's stays float: the model's own input)
         for name, q in loaded:
             assert {k: q.config()[k] for k in expected} == expected, name
             assert q.frozen_bits is None, name

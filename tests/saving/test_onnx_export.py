@@ -50,9 +50,13 @@ def assert_qdq_graph(path, model):
     quantized_inputs = [m for _, m in layers if m.input_bits is not None]
     assert ops.count("QuantizeLinear") == len(quantized_inputs)
     assert ops.count("DequantizeLinear") == len(layers) + len(quantized_inputs)
+    packed = opset_of(path) >= 21
     for name, layer in layers:
         codes = inits[f"{name}.weight_codes"]
-        assert codes.dtype.name == "int8" and (codes == layer.weight_codes.numpy()).all()
+        # Codes that fit 4 bits (every layer of at most 4 bits) are INT4 from opset 21 on.
+        fits = int(layer.weight_codes.abs().max()) <= 7
+        assert codes.dtype.name == ("int4" if packed and fits else "int8"), (name, layer.weight_bits)
+        assert (codes.astype("int8") == layer.weight_codes.numpy()).all()
     alphas = sorted(float(m.input_alpha) for m in quantized_inputs)
     clip_highs = []
     for node in graph.node:
@@ -88,7 +92,8 @@ def test_onnxruntime_agrees_with_the_integer_model(tmp_path, make, data, opset):
     model = integer_model(make, x)
     classes = {type(m) for m in model.modules()}
     path = export_onnx(model, tmp_path / "model.onnx", x[:2], opset=opset)
-    assert opset_of(path) == (opset or 18)
+    four_bit = any(m.weight_bits <= 4 for m in model.modules() if isinstance(m, IntegerLayerMixin))
+    assert opset_of(path) == (opset or (21 if four_bit else 18))  # 21 packs 4-bit weights
     assert {type(m) for m in model.modules()} == classes  # the export twins are swapped back
     assert_qdq_graph(path, model)
     agreement, max_abs, max_rel = compare_onnx(model, path, list(x.split(64)))  # other batch sizes than exported
