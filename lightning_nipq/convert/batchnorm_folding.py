@@ -117,7 +117,10 @@ def _tensors(value: Any, depth: int = 0) -> Iterator[Tensor]:
 
 def _channels_at_dim_1(layer: nn.Module, output: Tensor) -> bool:
     # per_output_channel shapes a vector to broadcast against the output from the right: its
-    # length says which dimension of the output holds the channels.
+    # length says which dimension of the output holds the channels. A kind without it (an
+    # embedding: a lookup, no channel-wise output scale) never takes a BatchNorm's fold.
+    if not hasattr(layer, "per_output_channel"):
+        return False
     shaped = layer.per_output_channel(torch.ones(output_channels(layer)))  # type: ignore[operator]
     return output.dim() - shaped.dim() == 1 and output.shape[1] == shaped.shape[0]
 

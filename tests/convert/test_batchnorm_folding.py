@@ -409,3 +409,25 @@ def test_an_integer_model_converted_without_folding_folds_afterwards():
         assert_close(unfolded(x), model(x))
     with pytest.raises(ValueError, match="needs a batch"):
         batchnorm_folding.fold_batchnorms(unfolded, None)
+
+
+def test_a_model_with_an_embedding_folds_the_batchnorm_after_its_linear_layer():
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.proj = nn.Linear(8, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.bn(self.proj(self.embed(ids).mean(1)))))
+
+    torch.manual_seed(0)
+    model = Tokens()
+    attach_quantizers(model, NIPQConfig(weight_bits=4, act_bits=4))
+    ids = torch.randint(0, 20, (32, 5))
+    calibrate_activations(model, [ids], forward=lambda b: model(b))
+    model.eval()
+    report = hard_quantize(model, compare_batches=[ids], input_fn=lambda b: b, fold_batchnorm=True)
+    assert isinstance(model.bn, FoldedBatchNorm) and report.agreement == 1.0
