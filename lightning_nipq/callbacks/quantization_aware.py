@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_nipq.callbacks.module_hooks import install_load_hook, remove_pending_seal, seal_when_saved, wrap_method
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
-from lightning_nipq.layers.attach import attach_quantizers
+from lightning_nipq.layers.attach import attach_quantizers, check_input_choice
 from lightning_nipq.layers.model_walk import check_patterns, quantized_layers, quantizers
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.quant.methods import QuantizerFactory
@@ -69,13 +69,7 @@ class QuantizationAwareTraining(Callback):
         log_per_layer: bool,
         quantize_inputs: bool = True,
     ) -> None:
-        if not isinstance(quantize_inputs, bool):
-            raise ValueError(f"quantize_inputs must be True or False, got {quantize_inputs!r}")
-        if not quantize_inputs and float_input_layers is not None:
-            raise ValueError(
-                "float_input_layers names layers whose input stays float, but quantize_inputs=False already leaves every "
-                "input float; pass one or the other"
-            )
+        check_input_choice(quantize_inputs, float_input_layers)
         if not quantize_inputs and getattr(config, "input_zero_point", "off") != "off":
             raise ValueError(
                 "input_zero_point gives quantized inputs a zero point, but quantize_inputs=False quantizes no input; "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -57,13 +57,7 @@ def attach_quantizers(
     """
     config = config or NIPQConfig()
     float_input_layers = check_patterns("float_input_layers", float_input_layers)
-    if not isinstance(quantize_inputs, bool):
-        raise ValueError(f"quantize_inputs must be True or False, got {quantize_inputs!r}")
-    if not quantize_inputs and float_input_layers is not None:
-        raise ValueError(
-            "float_input_layers names layers whose input stays float, but quantize_inputs=False already leaves every "
-            "input float; pass one or the other"
-        )
+    check_input_choice(quantize_inputs, float_input_layers)
     targets, skipped = plan_layers(model, include, exclude)
     if not targets:
         supported = supported_names()
@@ -104,6 +98,17 @@ def attach_quantizers(
     result.float_input_by_data_flow = quantize_inputs and float_input_layers is None
     disable_transformer_fast_path(model)
     return result
+
+
+def check_input_choice(quantize_inputs: Any, float_input_layers: Optional[Sequence[str]]) -> None:
+    """Raise a `ValueError` unless ``quantize_inputs`` is a bool that ``float_input_layers`` does not contradict."""
+    if not isinstance(quantize_inputs, bool):
+        raise ValueError(f"quantize_inputs must be True or False, got {quantize_inputs!r}")
+    if not quantize_inputs and float_input_layers is not None:
+        raise ValueError(
+            "float_input_layers names layers whose input stays float, but quantize_inputs=False already leaves every "
+            "input float; pass one or the other"
+        )
 
 
 def disable_transformer_fast_path(model: nn.Module) -> None:

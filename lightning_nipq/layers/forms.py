@@ -166,19 +166,10 @@ class IntegerLayerMixin:
         codes = grouped_view(self.weight_codes.to(dtype), self.weight_granularity)
         return (codes * self.weight_scale.to(dtype)).reshape(self.weight_codes.shape)
 
-    def accumulation_size(self) -> int:
-        """Products summed before a rescale: the layer's reduction, or one group's inputs."""
-        if is_group_size(self.weight_granularity):
-            return int(self.weight_granularity)
-        return self.reduction_size()  # type: ignore[attr-defined]
-
     @property
     def float_input(self) -> bool:
         """True for a layer whose input is not quantized (by default the first layer)."""
         return self.input_bits is None
-
-    def accumulator_dtype(self, device: torch.device) -> torch.dtype:
-        return accumulator_dtype(self.accumulation_size(), self.input_bits, self.input_signed, self.weight_bits, device)
 
     def input_scale(self) -> Tensor:
         """The step of the input codes, ``input_alpha / n`` (``input_alpha / (N - z)`` with a zero point)."""
@@ -211,12 +202,6 @@ class IntegerLayerMixin:
             args,
             kwargs,
         )
-
-    def output_scale(self) -> Tensor:
-        """The weight step shaped to broadcast against the output (a scalar per tensor, a vector per channel)."""
-        if self.weight_scale.dim() == 0:
-            return self.weight_scale
-        return self.per_output_channel(self.weight_scale.reshape(-1))  # type: ignore[attr-defined]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # torch converts buffers module by module (``model.to``): codes tied to another layer's
