@@ -32,10 +32,13 @@ from benchmarks import runs  # noqa: F401  (quiets Lightning's logs)
 from benchmarks.models import ResNetStyle, SmallViT
 from benchmarks.reporting import DOC_PATH, command_line, environment, markdown_table, write_section
 from lightning_nipq import LSQCallback, NIPQCallback
+from lightning_nipq.quant.fused_fake_quant import composed_fake_quant
 
 # The hard-phase variant freezes bits at the first step, far above the target: expected here.
 warnings.filterwarnings("ignore", ".*learned average bits.*")
 VARIANTS = ("float", "NIPQ noise", "NIPQ hard", "LSQ")
+#: The quantized variants again with the composed fake-quantization functions (``--reference``).
+COMPOSED = " (composed)"
 
 
 class StepCost(Callback):
@@ -111,6 +114,9 @@ def callbacks_for(variant: str, bits: int) -> list[Callback]:
 
 
 def measure(variant: str, args: argparse.Namespace, loader: DataLoader, compiled: bool) -> StepCost:
+    if variant.endswith(COMPOSED):
+        with composed_fake_quant():
+            return measure(variant[: -len(COMPOSED)], args, loader, compiled)
     seed_everything(0, verbose=False)
     model = make_model(args.model, args.image_size, args.channels)
     timer = StepCost(args.warmup)
@@ -146,12 +152,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (calibration, allocator, autotuning)")
     parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
+    parser.add_argument(
+        "--reference", action="store_true", help="also run the quantized variants with the composed (unfused) fake quantization"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="run every variant this many times, interleaved; report the median")
     parser.add_argument("--doc", type=Path, default=DOC_PATH)
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--section", default=None, help="section name in --doc (default: cost-<device>)")
     args = parser.parse_args(argv)
     if args.channels is None:
         args.channels = 1 if args.image_size < 64 else 3
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.steps < 1 or args.warmup < 2:
         parser.error("--steps must be >= 1 and --warmup >= 2 (the first step calibrates the inputs)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -171,20 +183,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows: list[list[str]] = []
     modes = [False, True] if args.compile else [False]
+    variants = list(VARIANTS) + ([v + COMPOSED for v in VARIANTS if v != "float"] if args.reference else [])
     for compiled in modes:
-        costs = {}
-        for variant in VARIANTS:
-            costs[variant] = measure(variant, args, loader, compiled)
-            print(f"{variant:11s}{' (compiled)' if compiled else '':11s} median step {1000 * costs[variant].median:8.2f} ms", flush=True)
-        base = costs["float"]
-        for variant, cost in costs.items():
+        runs: dict[str, list[StepCost]] = {variant: [] for variant in variants}
+        for repeat in range(args.repeats):  # interleaved, so that load drifting over the run hits every variant
+            for variant in variants:
+                cost = measure(variant, args, loader, compiled)
+                runs[variant].append(cost)
+                tag = f"{' (compiled)' if compiled else '':11s} repeat {repeat}"
+                print(f"{variant:24s}{tag} median step {1000 * cost.median:8.2f} ms", flush=True)
+        # Each repeat's ratio to the float step of the same repeat; the median ratio, and its range.
+        for variant, costs in runs.items():
+            ratios = [c.median / f.median for c, f in zip(costs, runs["float"])]
+            spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+            memory = statistics.median(c.memory_bytes for c in costs)
+            base_memory = statistics.median(c.memory_bytes for c in runs["float"])
             rows.append(
                 [
                     variant + (" (torch.compile)" if compiled else ""),
-                    f"{1000 * cost.median:.1f}" if args.device == "cuda" else "",
-                    f"{cost.median / base.median:.2f}x",
-                    f"{cost.memory_bytes / 2**20:.1f}",
-                    f"{cost.memory_bytes / max(base.memory_bytes, 1):.2f}x",
+                    f"{1000 * statistics.median(c.median for c in costs):.1f}" if args.device == "cuda" else "",
+                    f"{statistics.median(ratios):.2f}x{spread}",
+                    f"{memory / 2**20:.1f}",
+                    f"{memory / max(base_memory, 1):.2f}x",
                 ]
             )
     memory = "peak CUDA memory MiB" if args.device == "cuda" else "held for backward MiB"
@@ -200,7 +220,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"Measured on {environment(torch.device(args.device))}, precision {args.precision}, with:\n\n"
         f"```\n{command_line('benchmarks.cost', argv)}\n```\n\n"
         f"Model {args.model}, batch {args.batch_size} of {args.channels}x{args.image_size}x{args.image_size} synthetic "
-        f"images, {args.bits}-bit target, median of {args.steps} steps after {args.warmup} warm-up steps.\n\n{text}"
+        f"images, {args.bits}-bit target, median of {args.steps} steps after {args.warmup} warm-up steps"
+        + (
+            f"; every variant run {args.repeats} times, interleaved: the step-time ratio is the median of the repeats' "
+            "ratios to the float step of the same repeat, with their range in brackets"
+            if args.repeats > 1
+            else ""
+        )
+        + (
+            f". Rows marked{COMPOSED} run the composed fake-quantization functions (what the package ran before the "
+            "fused ones), for comparison"
+            if args.reference
+            else ""
+        )
+        + f".\n\n{text}"
     )
     write_section(args.section or f"cost-{args.device}", body, args.doc)
     print(f"\nwrote {args.doc}")

@@ -49,11 +49,16 @@ def test_accuracy_benchmark_smoke(tmp_path, capsys):
 def test_cost_benchmark_smoke(tmp_path):
     doc = tmp_path / "benchmarks.md"
     argv = ["--batch-size", "8", "--steps", "2", "--warmup", "2", "--doc", str(doc), "--section", "cost-smoke"]
-    assert cost.main(argv) == 0
-    rows = {r[0]: r for r in _rows(doc.read_text())[1:]}
-    assert set(rows) == set(cost.VARIANTS)
-    assert rows["float"][1] == "1.00x" and rows["float"][3] == "1.00x"
-    ratio = lambda cell: float(re.sub("x$", "", cell))  # noqa: E731
-    # Fake quantization keeps its inputs (and NIPQ its noise) for backward: more memory than float.
-    for variant in ("NIPQ noise", "NIPQ hard", "LSQ"):
+    assert cost.main([*argv, "--reference", "--repeats", "2"]) == 0
+    text = doc.read_text()
+    rows = {r[0]: r for r in _rows(text)[1:]}
+    quantized = ("NIPQ noise", "NIPQ hard", "LSQ")
+    assert set(rows) == set(cost.VARIANTS) | {v + cost.COMPOSED for v in quantized}
+    assert rows["float"][1] == "1.00x (1.00-1.00)" and rows["float"][3] == "1.00x"
+    assert "run 2 times, interleaved" in text and "composed fake-quantization functions" in text
+    ratio = lambda cell: float(re.sub("x.*$", "", cell))  # noqa: E731
+    # Fake quantization keeps its inputs (and NIPQ its noise) for backward: more memory than float,
+    # and the fused functions keep less than the composed ones.
+    for variant in quantized:
         assert ratio(rows[variant][3]) > 1.0 and ratio(rows[variant][1]) > 0.0
+        assert ratio(rows[variant][3]) < ratio(rows[variant + cost.COMPOSED][3])

@@ -67,7 +67,8 @@ class BaseQuantizer(nn.Module):
     (`zero_point_code`) and the range ``[-z * s, alpha]`` with the step ``s = alpha / (2**b - 1 - z)``
     (see `lightning_nipq.quant.fake_quant`). Subclasses
     provide `alpha`, `continuous_bits`, `set_range`, ``_quantize`` (the calibrated
-    forward, in float32) and ``_parameters_in_use`` (a tensor touching every parameter).
+    forward: it takes the input in its own dtype, float64 narrowed to float32, and rounds in
+    float32) and ``_parameters_in_use`` (a tensor touching every parameter).
 
     Args:
         config: the method's settings (`config`), checked by `check_config`: at least
@@ -306,8 +307,10 @@ class BaseQuantizer(nn.Module):
             # Zero-weighted use of the parameters keeps DDP's reducer satisfied while the
             # range is still being measured.
             return x + self._parameters_in_use().to(x.dtype) * 0.0
-        # Rounding needs float32: in bf16 a 4-bit grid is already coarser than the data.
-        return self._quantize(grouped_view(x.float(), self.granularity)).reshape(x.shape).to(x.dtype)
+        # ``_quantize`` rounds in float32 (in bf16 a 4-bit grid is already coarser than the data)
+        # but takes a narrower input as it is: a float32 copy made here would be kept for backward.
+        narrow = x.float() if x.dtype == torch.float64 else x
+        return self._quantize(grouped_view(narrow, self.granularity)).reshape(x.shape).to(x.dtype)
 
     def flush_observations(self) -> None:
         """Give the observer the inputs that compiled code deferred (see ``deferred_observations``)."""

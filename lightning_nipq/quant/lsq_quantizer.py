@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_nipq.quant.base_quantizer import BaseQuantizer, shown_range, shown_value
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, check_zero_point_rule, num_levels
 from lightning_nipq.quant.fake_quant import hard_fake_quant, zero_point_of
+from lightning_nipq.quant.fused_fake_quant import fused_hard_fake_quant, use_fused
 from lightning_nipq.quant.granularity import (
     Granularity,
     RangeShape,
@@ -213,15 +214,18 @@ class LSQQuantizer(BaseQuantizer):
     def _parameters_in_use(self) -> Tensor:
         return self.step.sum()
 
-    def _quantize(self, x32: Tensor) -> Tensor:
+    def _quantize(self, x: Tensor) -> Tensor:
         # hard_fake_quant computes round_ste(clamp(x / alpha, -1, 1) * Qp) * alpha / Qp, which
         # for alpha = s * Qp is LSQ's round_ste(clamp(x / s, -Qn, Qp)) * s with LSQ's step
         # gradient, and is the very formula the integer conversion uses for the codes.
         # With a zero point z, N - z of the formula is Qp and z is Qn.
-        step = scale_grad(self.step.abs(), self.gradient_scale(x32))
-        bits = torch.full((), float(self.max_bits), device=x32.device)
-        zero = torch.full((), float(self._zero_code), device=x32.device) if self.has_zero_point else None
-        return hard_fake_quant(x32, step * float(self.qp), bits, self.signed, zero)
+        step = scale_grad(self.step.abs(), self.gradient_scale(x))
+        alpha = step * float(self.qp)
+        bits = torch.full((), float(self.max_bits), device=x.device)
+        zero = torch.full((), float(self._zero_code), device=x.device) if self.has_zero_point else None
+        if use_fused(x, alpha):
+            return fused_hard_fake_quant(x, alpha, bits, self.signed, zero)
+        return hard_fake_quant(x.float(), alpha, bits, self.signed, zero)
 
     def extra_repr(self) -> str:
         return f"{self.codes_name()}, bits={self.max_bits}, step={shown_range(self.step.abs())}, per_sample={self.per_sample}"

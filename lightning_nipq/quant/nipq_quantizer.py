@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from lightning_nipq.quant.base_quantizer import BaseQuantizer, inverse_softplus, shown_range, shown_value
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, check_zero_point_rule
 from lightning_nipq.quant.fake_quant import hard_fake_quant, noise_fake_quant
+from lightning_nipq.quant.fused_fake_quant import fused_hard_fake_quant, fused_noise_fake_quant, use_fused
 from lightning_nipq.quant.granularity import Granularity, RangeShape, check_granularity, granularity_name, range_shape_for
 from lightning_nipq.quant.noise import NOISE_KINDS, register_generator, sample_noise, sample_noise_compilable
 from lightning_nipq.quant.range_search import weight_ranges
@@ -228,13 +229,18 @@ class NIPQQuantizer(BaseQuantizer):
     def _parameters_in_use(self) -> Tensor:
         return self.alpha_raw.sum() + self.theta
 
-    def _quantize(self, x32: Tensor) -> Tensor:
+    def _quantize(self, x: Tensor) -> Tensor:
         alpha = self.alpha
         if self.training and self.blend_modes and torch.compiler.is_compiling():
-            return self._blended(x32, alpha)
+            return self._blended(x.float(), alpha)
         noisy = self.training and self.mode == "noise"
         bits = self.bits(stochastic=noisy and self.stochastic_bits)
         zero_point = self.zero_point_code(bits)
+        if use_fused(x, alpha, bits):
+            if noisy:
+                return fused_noise_fake_quant(x, alpha, bits, self.signed, self.noise, self.generator, zero_point)
+            return fused_hard_fake_quant(x, alpha, bits, self.signed, zero_point)
+        x32 = x.float()
         if noisy:
             noise = self._noise(self.noise, x32, alpha.detach(), bits.detach(), zero_point)
             return noise_fake_quant(x32, alpha, bits, self.signed, noise, zero_point)

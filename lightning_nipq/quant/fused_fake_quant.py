@@ -1,0 +1,256 @@
+"""`hard_fake_quant` and `noise_fake_quant` as autograd functions that keep little for backward.
+
+Composed of torch ops, the fake quantizations of `lightning_nipq.quant.fake_quant` make
+autograd hold, for every quantized tensor until its backward, the float32 input (a copy
+of a bf16 one), the clamped and scaled intermediates, the range masks and the products
+with the noise: 8 to 16 bytes per element, more than the layer's own activation. The
+functions here give the same outputs and, to the last bit, the same gradients (their
+backward is the composed one's, term for term) but keep only what that backward needs:
+
+- hard: the input in its own dtype (2 bytes per element in bf16); backward recomputes the
+  codes from it.
+- noise: one byte per element saying where the input lies against the range. Uniform
+  noise is not kept: the state of the generator before the draw is, and backward draws the
+  same noise again from a private generator set to that state, so the caller's generator
+  (checkpointed by the callbacks, so that a resumed run draws the noise an uninterrupted
+  one draws) moves only in forward. Histogram noise is kept (4 bytes per element).
+
+They run eagerly: under ``torch.compile`` the composed functions are used, which the
+compiler fuses itself (`use_fused`). The composed functions stay the reference the tests
+compare these with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lightning_nipq.quant.fake_quant import _clamp_unit, code_grid
+from lightning_nipq.quant.noise import NOISE_KINDS, sample_noise, uniform_noise
+
+# Where an element lies against the noise proxy's range, packed into one byte per element.
+_PASSES = 1  # lower <= x <= alpha: the clamp passes the gradient to x (the edges included)
+_INSIDE = 2  # lower < x < alpha: noise is added
+_BELOW = 4  # x < lower: the gradient goes to the bottom of the range
+_ABOVE = 8  # x > alpha: the gradient goes to alpha
+
+
+_fused_enabled = True
+
+
+@contextmanager
+def composed_fake_quant() -> Iterator[None]:
+    """Inside the block the quantizers run the composed reference functions (to compare costs)."""
+    global _fused_enabled
+    before, _fused_enabled = _fused_enabled, False
+    try:
+        yield
+    finally:
+        _fused_enabled = before
+
+
+def use_fused(*tensors: Tensor) -> bool:
+    """Whether the quantizers should call the functions here: eagerly, when autograd records a graph.
+
+    Under ``torch.compile`` the composed functions fuse anyway, and the noise goes through
+    a custom op there (see `lightning_nipq.quant.noise`); without a graph nothing is kept.
+    """
+    return (
+        _fused_enabled
+        and not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+    )
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Rounding needs float32: in bf16 a 4-bit grid is already coarser than the data. float64
+    # stays float64, for the gradient checks.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    return t.sum_to_size(shape) if t.shape != shape else t
+
+
+def _noise_bounds(
+    alpha: Tensor, bits: Tensor, signed: bool, zero_point: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``(step, lower)`` of the noise proxy, computed as `noise_fake_quant` computes them (so they round alike)."""
+    _, n = code_grid(bits, signed, zero_point)
+    step = alpha / n
+    if zero_point is not None:
+        return step, -zero_point * step
+    if signed:
+        return step, -alpha
+    return step, torch.zeros_like(alpha)
+
+
+def _default_generator(device: torch.device) -> Optional[torch.Generator]:
+    """The generator ``torch.rand(device=device)`` draws from without one, where torch names it."""
+    if device.type == "cpu":
+        return torch.random.default_generator
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return None
+
+
+class _HardFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, alpha: Tensor, bits: Tensor, zero_point: Optional[Tensor], signed: bool
+    ) -> Tensor:
+        ctx.signed, ctx.x_dtype = signed, x.dtype
+        ctx.save_for_backward(x, alpha, bits, zero_point)
+        lower, n = code_grid(bits, signed, zero_point)
+        v = _clamp_unit(x.to(_compute_dtype(x)) / alpha, lower)
+        v.mul_(n)
+        # round_ste's v + (round(v) - v) is round(v) exactly, but for a +0.0 where round gives -0.0.
+        v.round_().add_(0.0)
+        return v.mul_(alpha / n).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, alpha, bits, zero_point = ctx.saved_tensors
+        need_x, need_alpha, need_bits = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            b = bits.detach().requires_grad_(need_bits)
+            lower_b, n_b = code_grid(b, ctx.signed, zero_point)
+        n = n_b.detach()
+        lower = lower_b.detach() if isinstance(lower_b, Tensor) else lower_b
+        g = grad.to(_compute_dtype(x))
+        x = x.to(g.dtype)
+        u = x / alpha
+        c = _clamp_unit(u, lower)
+        # The terms below are the composed function's backward, term for term and summed in
+        # the order autograd sums them, so that the gradients are equal to the last bit
+        # (compiled steps, which run the composed function, must match eager ones).
+        grad_r = g * (alpha / n)
+        grad_c = grad_r * n
+        grad_u = torch.where((u >= lower) & (u <= 1.0), grad_c, 0.0)  # clamp passes the edges too
+        grad_x = _sum_to(grad_u / alpha, x.shape).to(ctx.x_dtype) if need_x else None
+        grad_alpha = grad_bits = None
+        if need_alpha or need_bits:
+            rounded = (c * n).round_().add_(0.0)
+            grad_s = _sum_to(g * rounded, alpha.shape)
+        if need_alpha:
+            from_u = _sum_to(-grad_u * (u / alpha), alpha.shape)
+            grad_alpha = (grad_s / n + from_u).to(alpha.dtype)
+        if need_bits:
+            grad_n = _sum_to(-grad_s * ((alpha / n) / n), n.shape) + _sum_to(grad_r * c, n.shape)
+            outputs, grads = [n_b], [grad_n]
+            if isinstance(lower_b, Tensor):  # a zero point's bottom -z / (N - z) moves with the bits
+                outputs.append(lower_b)
+                grads.append(_sum_to(torch.where(u < lower, grad_c, 0.0), lower_b.shape))
+            (grad_bits,) = torch.autograd.grad(outputs, b, grads)
+        return grad_x, grad_alpha, grad_bits, None, None
+
+
+class _NoiseFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        alpha: Tensor,
+        bits: Tensor,
+        zero_point: Optional[Tensor],
+        signed: bool,
+        kind: str,
+        generator: Optional[torch.Generator],
+    ) -> Tensor:
+        xc = x.to(_compute_dtype(x))
+        source = generator if generator is not None else _default_generator(x.device)
+        regenerate = kind == "uniform" and source is not None
+        # Taken right before the draw: backward draws again from a copy of this state.
+        ctx.rng_state = source.get_state() if regenerate else None
+        ctx.rng_device = source.device if regenerate else None
+        noise = sample_noise(kind, xc, alpha, bits, signed, generator, zero_point)
+        step, lower = _noise_bounds(alpha, bits, signed, zero_point)
+        out = torch.clamp(xc, min=lower, max=alpha)
+        inside = (xc > lower) & (xc < alpha)
+        code = (
+            ((xc >= lower) & (xc <= alpha)).to(torch.uint8)
+            | (inside.to(torch.uint8) << 1)
+            | ((xc < lower).to(torch.uint8) << 2)
+            | ((xc > alpha).to(torch.uint8) << 3)
+        )
+        ctx.signed, ctx.x_shape, ctx.x_dtype = signed, x.shape, x.dtype
+        ctx.save_for_backward(code, alpha, bits, zero_point, None if regenerate else noise)
+        term = inside.to(xc.dtype).mul_(noise).mul_(step)
+        return out.add_(term).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        code, alpha, bits, zero_point, noise = ctx.saved_tensors
+        need_x, need_alpha, need_bits = ctx.needs_input_grad[:3]
+        g = grad.to(_compute_dtype(grad))
+        grad_x = None
+        if need_x:
+            grad_x = _sum_to(torch.where((code & _PASSES) != 0, g, 0.0), ctx.x_shape).to(ctx.x_dtype)
+        if not (need_alpha or need_bits):
+            return grad_x, None, None, None, None, None, None
+        if noise is None:
+            # A private generator: backward must not move the caller's.
+            generator = torch.Generator(device=ctx.rng_device)
+            generator.set_state(ctx.rng_state)
+            noise = uniform_noise(torch.empty((), device=code.device).expand(ctx.x_shape), generator)
+        with torch.enable_grad():
+            b = bits.detach().requires_grad_(need_bits)
+            _, n_b = code_grid(b, ctx.signed, zero_point)
+        n = n_b.detach()
+        # The composed function's backward, summed in autograd's order (see _HardFakeQuant).
+        grad_step = _sum_to(torch.where((code & _INSIDE) != 0, g * noise, 0.0), alpha.shape)
+        grad_alpha = _sum_to(torch.where((code & _ABOVE) != 0, g, 0.0), alpha.shape)
+        if zero_point is not None or ctx.signed:
+            grad_lower = _sum_to(torch.where((code & _BELOW) != 0, g, 0.0), alpha.shape)
+            if zero_point is not None:  # lower = -z * step
+                grad_step = grad_step + grad_lower * -zero_point
+            else:  # lower = -alpha
+                grad_alpha = grad_alpha + -grad_lower
+        grad_alpha = (grad_alpha + grad_step / n).to(alpha.dtype)
+        grad_bits = None
+        if need_bits:
+            (grad_bits,) = torch.autograd.grad(n_b, b, _sum_to(-grad_step * ((alpha / n) / n), n.shape))
+        return grad_x, grad_alpha if need_alpha else None, grad_bits if need_bits else None, None, None, None, None
+
+
+def fused_hard_fake_quant(
+    x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, zero_point: Optional[Tensor] = None
+) -> Tensor:
+    """`hard_fake_quant` of ``x`` in its own dtype (float32 arithmetic inside), keeping only ``x`` for backward.
+
+    Same output (in ``x``'s dtype) and gradients, to the last bit, as
+    ``hard_fake_quant(x.float(), ...)``. ``zero_point`` is a constant (no gradient).
+    """
+    return _HardFakeQuant.apply(x, alpha, bits, zero_point, signed)
+
+
+def fused_noise_fake_quant(
+    x: Tensor,
+    alpha: Tensor,
+    bits: Tensor,
+    signed: bool,
+    noise: str = "uniform",
+    generator: Optional[torch.Generator] = None,
+    zero_point: Optional[Tensor] = None,
+) -> Tensor:
+    """`noise_fake_quant` of ``x`` with noise of kind ``noise`` drawn from ``generator`` (None: torch's own).
+
+    The draw is `lightning_nipq.quant.noise.sample_noise`'s on ``x`` in float32, so the
+    output, in ``x``'s dtype, is ``noise_fake_quant(x.float(), ...)`` with the noise the
+    quantizer would draw from the same state. Backward keeps one byte per element and
+    draws uniform noise again from a private copy of the generator's state (on a device
+    whose default generator torch does not name, the noise is kept instead).
+    ``zero_point`` is a constant (no gradient).
+    """
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    return _NoiseFakeQuant.apply(x, alpha, bits, zero_point, signed, noise, generator)
