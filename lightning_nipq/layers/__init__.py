@@ -3,6 +3,7 @@ forms, walking a model, attaching quantizers, calibration and post-training quan
 (transformers' ``Conv1D`` kind is registered, and transformers imported, only for a model that holds one)."""
 
 from lightning_nipq.layers.attach import AttachResult, attach_quantizers, detach_quantizers
+from lightning_nipq.layers.attention import SplitMultiheadAttention, split_attention
 from lightning_nipq.layers.calibration import calibrate_activations
 from lightning_nipq.layers.folded_batchnorm import FoldedBatchNorm
 from lightning_nipq.layers.forms import (
@@ -31,6 +32,7 @@ __all__ = [
     "LAYER_KINDS",
     "LayerKind",
     "QuantizedLayerMixin",
+    "SplitMultiheadAttention",
     "attach_quantizers",
     "calibrate_activations",
     "call_model",
@@ -48,5 +50,6 @@ __all__ = [
     "quantized_layers",
     "quantizers",
     "register_layer_kind",
+    "split_attention",
     "unregister_layer_kind",
 ]

@@ -7,9 +7,10 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from lightning_nipq.layers.attention import PROJECTIONS, SplitMultiheadAttention, attention_modules, split_attention_undoably
 from lightning_nipq.layers.forms import is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import kind_of, supported_names
-from lightning_nipq.layers.model_walk import check_patterns, named_layers, plan_layers
+from lightning_nipq.layers.model_walk import check_patterns, matches, named_layers, plan_layers
 from lightning_nipq.layers.tied_weights import check_tied_ranges, share_weight_parameters, tied_groups
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.quant.methods import QuantizerFactory
@@ -58,6 +59,34 @@ def attach_quantizers(
     config = config or NIPQConfig()
     float_input_layers = check_patterns("float_input_layers", float_input_layers)
     check_input_choice(quantize_inputs, float_input_layers)
+    include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)
+    undo_split = split_attention_undoably(model, _attention_to_quantize(model, include, exclude))
+    try:
+        result = _attach(model, config, include, exclude, float_input_layers, quantize_inputs)
+    except BaseException:
+        undo_split()  # the model is left as it was
+        raise
+    disable_transformer_fast_path(model)
+    return result
+
+
+def _attention_to_quantize(model: nn.Module, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> list[str]:
+    """The ``nn.MultiheadAttention`` modules to split: those with a projection that include/exclude select."""
+
+    def selected(name: str) -> bool:
+        return (include is None or matches(name, include)) and not matches(name, exclude or [])
+
+    return [name for name in attention_modules(model) if name and any(selected(f"{name}.{p}") for p in PROJECTIONS)]
+
+
+def _attach(
+    model: nn.Module,
+    config: QuantizerFactory,
+    include: Optional[Sequence[str]],
+    exclude: Optional[Sequence[str]],
+    float_input_layers: Optional[Sequence[str]],
+    quantize_inputs: bool,
+) -> AttachResult:
     targets, skipped = plan_layers(model, include, exclude)
     if not targets:
         supported = supported_names()
@@ -96,7 +125,6 @@ def attach_quantizers(
             layer.input_quantizer.stays_float = None
         result.quantized.append(name)
     result.float_input_by_data_flow = quantize_inputs and float_input_layers is None
-    disable_transformer_fast_path(model)
     return result
 
 
@@ -112,17 +140,22 @@ def check_input_choice(quantize_inputs: Any, float_input_layers: Optional[Sequen
 
 
 def disable_transformer_fast_path(model: nn.Module) -> None:
-    """Keep ``nn.TransformerEncoderLayer`` from bypassing quantized or integer layers.
+    """Keep ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` from bypassing quantized, integer or split layers.
 
-    In eval, the layer may run one fused kernel that reads ``linear1``/``linear2`` weights
-    directly and skips their forward, and so our quantizers. The flag set here is only read
-    by that fast-path check.
+    In eval, the layer may run one fused kernel that reads the attention's packed weights and
+    ``linear1``/``linear2`` weights directly and skips their forward, and so our quantizers;
+    the encoder may turn a padded batch into a nested tensor for that kernel. The two flags set
+    here are only read by those fast-path checks.
     """
+
+    def holds_ours(module: nn.Module) -> bool:
+        return any(is_quantized(m) or is_integer(m) or isinstance(m, SplitMultiheadAttention) for m in module.modules())
+
     for module in model.modules():
-        if isinstance(module, nn.TransformerEncoderLayer) and any(
-            is_quantized(m) or is_integer(m) for m in module.modules()
-        ):
+        if isinstance(module, nn.TransformerEncoderLayer) and holds_ours(module):
             module.activation_relu_or_gelu = 0
+        elif isinstance(module, nn.TransformerEncoder) and holds_ours(module):
+            module.use_nested_tensor = False
 
 
 def detach_quantizers(model: nn.Module) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch import nn
 
+from lightning_nipq.layers.attention import SplitMultiheadAttention
 from lightning_nipq.layers.forms import is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import LAYER_KINDS, kind_of, supported_names
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
@@ -96,12 +97,20 @@ def matrix_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def unquantizable_reason(module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
     """Why a module that holds a matrix-like weight is not quantized, or None if it is a target (or holds none)."""
-    if isinstance(parent, nn.MultiheadAttention):
+    if isinstance(module, SplitMultiheadAttention):
+        # Its projections are layers of their own; what it holds itself are the optional key and value biases.
+        return "bias_k and bias_v (add_bias_kv=True) are added to the keys and values in float" if module.bias_k is not None else None
+    if isinstance(parent, nn.MultiheadAttention) and not isinstance(parent, SplitMultiheadAttention):
         return "called by nn.MultiheadAttention through F.multi_head_attention_forward, not through its forward"
+    if type(module) is nn.MultiheadAttention:
+        return (
+            "nn.MultiheadAttention left whole (include/exclude left out its projections q_proj, k_proj, v_proj and "
+            "out_proj, into which attach_quantizers splits it to quantize them)"
+        )
     if isinstance(module, nn.MultiheadAttention):
         return (
-            "nn.MultiheadAttention uses its packed in_proj_weight inside F.multi_head_attention_forward; "
-            "write the projections as nn.Linear layers to quantize them"
+            f"{type(module).__name__} subclasses nn.MultiheadAttention and may override its forward, so it is not split "
+            "into quantizable projections; write its projections as nn.Linear layers to quantize them"
         )
     kind = kind_of(module)
     if kind is not None:
@@ -192,8 +201,8 @@ def _float_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     parents = _parents(model)
     out: list[tuple[str, str, nn.Module]] = []
     for name, module in model.named_modules():
-        if is_quantized(module) or is_integer(module) or (not name and kind_of(module) is not None):
-            continue  # the model itself is never a target: a bare layer is not listed
+        if is_quantized(module) or is_integer(module) or isinstance(module, BaseQuantizer) or (not name and kind_of(module) is not None):
+            continue  # the model itself is never a target: a bare layer is not listed; a quantizer's ranges are not weights
         reason = unquantizable_reason(module, parents.get(id(module)))
         if reason is None and matrix_parameters(module):
             reason = "excluded (include/exclude)"

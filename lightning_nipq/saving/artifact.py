@@ -30,6 +30,11 @@ so do entries without ``input_zero_point`` (written before zero points existed: 
 folded BatchNorm stores no tensor: loading replaces the fresh model's BatchNorm by a
 `lightning_nipq.layers.folded_batchnorm.FoldedBatchNorm` before the state is loaded.
 
+Module names and keys are stored canonical: without the ``_orig_mod`` segment that a
+submodule wrapped in ``torch.compile`` adds (`lightning_nipq.layers.module_names`), so a file
+saved from a model whose submodules are compiled loads into a plain instance and the reverse;
+files that name ``_orig_mod`` (written before) are read in canonical names too.
+
 The checksum catches accidents, not edits (anyone can recompute it), so reading checks
 every value of the manifest and header against the format before using it, and loading
 touches the model only once the whole file has passed, putting it back if it fails anyway.
@@ -37,6 +42,7 @@ touches the model only once the whole file has passed, putting it back if it fai
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -53,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.layers.attach import disable_transformer_fast_path
+from lightning_nipq.layers.attention import attention_in_state, separate_all_projection_keys, split_attention_undoably
 from lightning_nipq.layers.folded_batchnorm import (
     FOLDABLE_TYPES,
     FOLDED_FORMAT,
@@ -75,6 +82,15 @@ from lightning_nipq.layers.forms import (
 )
 from lightning_nipq.layers.layer_kinds import describe_layer, kind_named, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers, require_integer_model
+from lightning_nipq.layers.module_names import (
+    COMPILED_SEGMENT,
+    canonical_modules,
+    canonical_name,
+    model_key,
+    model_keys,
+    model_names,
+    unwrap_compiled,
+)
 from lightning_nipq.layers.restore_point import restore_point
 from lightning_nipq.layers.tied_weights import integer_ties, tie_integer_layers
 from lightning_nipq.quant.codes import num_levels
@@ -139,6 +155,11 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
+def _canonical_names(names: list[str]) -> list[str]:
+    """A module's names without the ``_orig_mod`` segments of ``torch.compile`` (`canonical_name`), each once."""
+    return list(dict.fromkeys(canonical_name(name) for name in names))
+
+
 def _layer_entry(names: list[str], layer: IntegerLayerMixin, tied_to: Optional[str] = None) -> dict[str, Any]:
     kind = kind_of(layer)  # type: ignore[arg-type]
     assert kind is not None
@@ -172,7 +193,7 @@ def _layer_entry(names: list[str], layer: IntegerLayerMixin, tied_to: Optional[s
 def _fold_entry(names: list[str], module: FoldedBatchNorm) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "name": names[0],
-        "into": module.into,
+        "into": canonical_name(module.into),
         "type": module.batchnorm_type,
         "num_features": module.num_features,
         "created_bias": module.created_bias,
@@ -208,9 +229,10 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
 
     path = Path(path)
     require_integer_model(model, "saving", ArtifactError)
-    layers = named_layers(model, is_integer)
+    # Names are stored canonical (no torch.compile _orig_mod segment): the file loads whichever submodules are compiled.
+    layers = [(_canonical_names(names), layer) for names, layer in named_layers(model, is_integer)]
     ties = integer_ties([(names[0], layer) for names, layer in layers])
-    state = model.state_dict()
+    state = {canonical_name(key): value for key, value in model.state_dict().items()}
     tensors: dict[str, Tensor] = {}
     entries = []
     for names, layer in layers:
@@ -224,7 +246,7 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
         tensors[_prefix(names[0]) + PACKED_SUFFIX] = pack_codes(layer.weight_codes, layer.weight_bits)
         if layer.weight_granularity != "tensor":
             tensors[_prefix(names[0]) + SCALES_SUFFIX] = layer.weight_scale.detach().float().cpu().contiguous()
-    folds = folded_batchnorms(model)
+    folds = [(_canonical_names(names), module) for names, module in folded_batchnorms(model)]
     for names, _ in folds:
         for name in names:
             state.pop(_prefix(name) + "_extra_state", None)  # the manifest says it, as JSON
@@ -250,7 +272,7 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "model_class": type(model).__qualname__,
+        "model_class": type(unwrap_compiled(model)).__qualname__,
         "layers": entries,
         "tensor_aliases": aliases,
     }
@@ -678,7 +700,51 @@ def _read(path: Path) -> tuple[_Manifest, dict[str, Tensor]]:
             f"{path}: checksum mismatch (stored sha256 {shown}..., computed {actual[:16]}...): the file "
             f"was modified or corrupted after it was written; {_FIX}"
         )
-    return _check_manifest(path, manifest, {key: _Stored.of(t) for key, t in tensors.items()}), tensors
+    canonical, tensors = _canonical_contents(path, manifest, tensors)
+    checked = _check_manifest(path, canonical, {key: _Stored.of(t) for key, t in tensors.items()})
+    return dataclasses.replace(checked, raw=manifest), tensors
+
+
+def _canonical_contents(path: Path, manifest: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The manifest's module names and the tensors' keys without ``_orig_mod`` segments (`canonical_name`).
+
+    `save_quantized` writes canonical names; files written before it did may name the module a
+    ``torch.compile`` wrapper holds. Only names of the expected types are rewritten: the
+    manifest check refuses the rest, and two names that become one (each layer is listed once).
+    """
+    renamed: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        name = canonical_name(key)
+        if name in renamed:
+            raise _damaged(path, f"tensor {_shown(key)}", f"is stored twice, also as {_shown(name)} (without {COMPILED_SEGMENT!r})")
+        renamed[name] = tensor
+    if renamed.keys() == tensors.keys() and COMPILED_SEGMENT not in json.dumps(manifest):
+        return manifest, tensors
+
+    def named(entry: Any, fields: tuple[str, ...]) -> Any:
+        if not isinstance(entry, dict):
+            return entry
+        entry = dict(entry)
+        for field in fields:
+            if isinstance(entry.get(field), str):
+                entry[field] = canonical_name(entry[field])
+        if isinstance(entry.get("aliases"), list):
+            entry["aliases"] = [canonical_name(a) if isinstance(a, str) else a for a in entry["aliases"]]
+        return entry
+
+    manifest = dict(manifest)
+    if isinstance(manifest.get("layers"), list):
+        manifest["layers"] = [named(entry, ("name", "tied_to")) for entry in manifest["layers"]]
+    if isinstance(manifest.get(FOLDED_KEY), list):
+        manifest[FOLDED_KEY] = [named(entry, ("name", "into")) for entry in manifest[FOLDED_KEY]]
+    aliases = manifest.get("tensor_aliases")
+    if isinstance(aliases, dict):
+        manifest["tensor_aliases"] = {}
+        for alias, target in aliases.items():
+            if canonical_name(alias) in manifest["tensor_aliases"]:
+                raise _damaged(path, f"tensor_aliases[{_shown(alias)}]", f"is listed twice, also without {COMPILED_SEGMENT!r}")
+            manifest["tensor_aliases"][canonical_name(alias)] = canonical_name(target) if isinstance(target, str) else target
+    return manifest, renamed
 
 
 def _listed(items: list[str], limit: int = 8) -> str:
@@ -687,8 +753,8 @@ def _listed(items: list[str], limit: int = 8) -> str:
 
 
 def _architecture_problems(manifest: _Manifest, tensors: dict[str, Tensor], model: nn.Module) -> list[str]:
-    """Every way ``model`` differs from the model the artifact was saved from."""
-    modules = dict(model.named_modules(remove_duplicate=False))
+    """Every way ``model`` differs from the model the artifact was saved from (in canonical names: compiled or not)."""
+    modules = canonical_modules(model)
     names_of: dict[int, list[str]] = {}
     for name, module in modules.items():
         names_of.setdefault(id(module), []).append(name)
@@ -745,7 +811,9 @@ def _architecture_problems(manifest: _Manifest, tensors: dict[str, Tensor], mode
     for alias, target in manifest.tensor_aliases.items():
         expected[alias] = tuple(tensors[target].shape)
     skip = tuple(reported)
-    model_state = {k: v for k, v in {**model.state_dict(), **made_biases}.items() if not (skip and k.startswith(skip))}
+    # Split attention saves float projections under nn.MultiheadAttention's keys; the artifact names each layer's.
+    own_state = {canonical_name(k): v for k, v in separate_all_projection_keys(model, model.state_dict()).items()}
+    model_state = {k: v for k, v in {**own_state, **made_biases}.items() if not (skip and k.startswith(skip))}
     expected = {k: v for k, v in expected.items() if not (skip and k.startswith(skip))}
     absent = sorted(k for k in expected if k not in model_state)
     extra = sorted(k for k in model_state if k not in expected)
@@ -804,7 +872,8 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     layers, no quantizers). Its quantized layers become integer layers holding the stored
     codes, its BatchNorms that were folded into them become ``FoldedBatchNorm`` modules,
     every other tensor is loaded, and the model is put in eval mode and returned; its
-    outputs equal those of the saved model bit for bit.
+    outputs equal those of the saved model bit for bit. Whether its submodules are wrapped
+    in ``torch.compile`` need not match the saved model's.
 
     Raises:
         ArtifactError: the file is missing, truncated, corrupted (checksum), of an unknown
@@ -814,8 +883,13 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     """
     path = Path(path)
     manifest, tensors = _read(path)
+    # Attention modules whose projections were quantized are split first, so that those layers exist.
+    layer_keys = [f"{name}.weight_codes" for layer in manifest.layers for name in layer.names]
+    names = model_names(model)  # the file's canonical names are found under the model's own (compiled or not)
+    undo_split = split_attention_undoably(model, attention_in_state(model, [model_key(names, k) for k in [*tensors, *layer_keys]]))
     problems = _architecture_problems(manifest, tensors, model)
     if problems:
+        undo_split()
         raise ArtifactError(
             f"{path} was saved from a model ({manifest.model_class}) that does not match this {type(model).__name__}: "
             + "; ".join(problems)
@@ -825,11 +899,12 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
         if layer.packed_key not in unpacked:
             unpacked[layer.packed_key] = _unpack(path, index, layer, tensors)
     codes = [unpacked[layer.packed_key] for layer in manifest.layers]
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = canonical_modules(model)
+    names = model_names(model)
     scales = [_scales(path, index, layer, tensors) for index, layer in enumerate(manifest.layers)]
     full_state: dict[str, Any] = {k: v for k, v in tensors.items() if not k.endswith(_LAYER_SUFFIXES)}
     full_state.update({alias: tensors[target] for alias, target in manifest.tensor_aliases.items()})
-    restore = restore_point(model, list(full_state))
+    restore = restore_point(model, [model_key(names, key) for key in full_state])
     try:
         for layer, layer_codes, layer_scales in zip(manifest.layers, codes, scales):
             module = modules[layer.names[0]]
@@ -855,15 +930,17 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
             tie_integer_layers(group)  # one weight again: one tensor of codes and of steps
         for fold in manifest.folds:
             into = fold.settings.into
-            folded = FoldedBatchNorm.replacing(modules[fold.names[0]], into, fold.settings.created_bias)
+            # The layer's name in this model (under torch.compile's _orig_mod if compiled), as folding names it.
+            folded = FoldedBatchNorm.replacing(modules[fold.names[0]], names.get(into, into), fold.settings.created_bias)
             replace_everywhere(model, modules[fold.names[0]], folded)
             if fold.settings.created_bias:
                 give_zero_bias(modules[into])  # filled by the stored bias
             full_state.update({_prefix(name) + "_extra_state": folded.get_extra_state() for name in fold.names})
         disable_transformer_fast_path(model)
-        model.load_state_dict(full_state, strict=True)
+        model.load_state_dict(model_keys(model, full_state), strict=True)
     except BaseException as e:
         restore()
+        undo_split()
         if isinstance(e, Exception) and not isinstance(e, ArtifactError):
             raise ArtifactError(
                 f"{path} could not be loaded into this {type(model).__name__} ({type(e).__name__}: {e}); "

@@ -30,6 +30,7 @@ import hashlib
 import json
 import pickle
 import warnings
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, Mapping, Optional, TypeVar
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nipq.layers.attach import disable_transformer_fast_path
+from lightning_nipq.layers.attention import attention_in_state, split_attention_undoably
 from lightning_nipq.layers.folded_batchnorm import (
     FoldedBatchNorm,
     FoldSettings,
@@ -58,6 +60,7 @@ from lightning_nipq.layers.forms import (
 )
 from lightning_nipq.layers.layer_kinds import describe_layer, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers
+from lightning_nipq.layers.module_names import COMPILED_SEGMENT, canonical_name, model_key, model_keys, model_names
 from lightning_nipq.layers.tied_weights import tie_integer_layers, tied_groups
 from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 
@@ -209,7 +212,30 @@ def _range_shape_problem(
     return None
 
 
-def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
+def state_dict_for_model(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with its keys, and the layers its folded BatchNorms name, as ``model`` names them.
+
+    A submodule wrapped in ``torch.compile`` is named with an extra ``_orig_mod`` segment
+    (``net._orig_mod.fc1.weight``), and ``load_state_dict`` does not translate: this maps the
+    keys of a state dict saved with or without compiled submodules onto ``model``'s own
+    (`lightning_nipq.layers.module_names.model_keys`). The values are not copied.
+
+    Raises:
+        CheckpointMismatchError: two keys name the same entry, one with ``_orig_mod`` and one without.
+    """
+    try:
+        translated = model_keys(model, state_dict)
+    except ValueError as e:
+        raise CheckpointMismatchError(f"the checkpoint's state dict is damaged: {e}. {DAMAGED_STATE_FIX}.") from None
+    names = model_names(model)
+    for key, value in translated.items():
+        into = value.get("into") if is_folded_state(value) else None
+        if isinstance(into, str) and model_key(names, into) != into:
+            translated[key] = {**value, "into": model_key(names, into)}
+    return translated
+
+
+def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Give every quantizable layer of ``model`` the form (float, fake-quantized, integer) ``state_dict`` has.
 
     Quantizers are rebuilt from the method and settings saved in their ``_extra_state``. A
@@ -218,13 +244,30 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
     given the bias folding made, if it had none); a ``FoldedBatchNorm`` of the model that the
     state dict does not fold becomes a BatchNorm again.
 
+    Layers are found by name whether or not ``model``'s submodules, or those of the model that
+    saved ``state_dict``, are wrapped in ``torch.compile``. Returns the state dict to load:
+    ``state_dict`` with its keys as ``model`` names them (`state_dict_for_model`), which
+    ``model.load_state_dict`` needs when the two differ in what is compiled.
+
     Raises:
         CheckpointMismatchError: a saved quantizer or integer layer state is invalid
             (`check_saved_state`), or a layer of the state dict is missing from the model, is
             not a quantizable layer, or has another weight shape, or a folded BatchNorm does not
             fit the model's module (all checked before anything is changed).
     """
+    state_dict = state_dict_for_model(model, state_dict)
     built = check_saved_state(state_dict)
+    # Attention modules whose projections the state dict quantizes are split first, so that those layers exist.
+    undo_split = split_attention_undoably(model, attention_in_state(model, state_dict))
+    try:
+        _prepare(model, state_dict, built)
+    except BaseException:
+        undo_split()
+        raise
+    return state_dict
+
+
+def _prepare(model: nn.Module, state_dict: Mapping[str, Any], built: dict[str, Any]) -> None:
     modules = dict(model.named_modules(remove_duplicate=False))
     problems: list[str] = []
     folds = _check_saved_folds(state_dict, problems)
@@ -395,7 +438,7 @@ def quantization_manifest(model: nn.Module, **extra: Any) -> dict[str, Any]:
         form = kind.form_of(module)
         if form == "float":
             continue
-        entry: dict[str, Any] = {"name": names[0], "kind": describe_layer(module), "form": form}
+        entry: dict[str, Any] = {"name": canonical_name(names[0]), "kind": describe_layer(module), "form": form}
         if form == "fake":
             entry["method"] = module.weight_quantizer.kind
             entry["weight"] = _quantizer_entry(module.weight_quantizer)
@@ -410,10 +453,10 @@ def quantization_manifest(model: nn.Module, **extra: Any) -> dict[str, Any]:
             }
         layers.append(entry)
     manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "layers": layers}
-    folds = [
-        {"name": names[0], "into": module.into, **({"aliases": names[1:]} if len(names) > 1 else {})}
-        for names, module in folded_batchnorms(model)
-    ]
+    folds = []
+    for names, module in folded_batchnorms(model):
+        names = list(dict.fromkeys(map(canonical_name, names)))  # as the digest names them: compiled or not
+        folds.append({"name": names[0], "into": canonical_name(module.into), **({"aliases": names[1:]} if len(names) > 1 else {})})
     if folds:
         manifest[FOLDED_KEY] = folds
     return {**manifest, **extra}
@@ -456,11 +499,20 @@ def quantization_state_digest(state_dict: Mapping[str, Any]) -> str:
     Tensors count by key, dtype, shape and bytes, and other entries (the extra states) by
     key and canonical JSON, so any change of a quantizer, an integer buffer or a quantized
     layer's weight or bias changes it, wherever the tensors live (they are read on the CPU).
+    Keys, and the layer a folded BatchNorm names, count without the ``_orig_mod`` segment of
+    ``torch.compile`` (`lightning_nipq.layers.module_names.canonical_name`): translating them
+    to a model compiled otherwise (`state_dict_for_model`) leaves the digest as it was.
     """
+    return _digest(state_dict, canonical=True)
+
+
+def _digest(state_dict: Mapping[str, Any], canonical: bool) -> str:
+    """`quantization_state_digest`; ``canonical=False``: keys as they are, the digest written before canonical names."""
     digest = hashlib.sha256()
-    entries = _quantization_entries(state_dict)
-    for key in sorted(entries):
-        value = entries[key]
+    entries = list(_quantization_entries(state_dict).items())
+    if canonical:
+        entries = [(canonical_name(key), _canonical_fold(value)) for key, value in entries]
+    for key, value in sorted(entries, key=lambda entry: entry[0]):  # stable: a key twice counts twice
         if isinstance(value, Tensor):
             tensor = value.detach().cpu().contiguous()
             digest.update(f"\0{key}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
@@ -472,6 +524,19 @@ def quantization_state_digest(state_dict: Mapping[str, Any]) -> str:
                 text = repr(value)
             digest.update(f"\0{key}\0json\0{text}".encode())
     return f"sha256:{digest.hexdigest()}"
+
+
+def _canonical_fold(value: Any) -> Any:
+    """A folded BatchNorm's saved state with the layer it names canonical; any other value as it is."""
+    into = value.get("into") if is_folded_state(value) else None
+    return {**value, "into": canonical_name(into)} if isinstance(into, str) and COMPILED_SEGMENT in into else value
+
+
+def _names_compiled(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a state dict names a module inside a ``torch.compile`` wrapper (a key, or a fold's layer)."""
+    return any(
+        (isinstance(key, str) and COMPILED_SEGMENT in key) or _canonical_fold(value) is not value for key, value in state_dict.items()
+    )
 
 
 def check_manifest(checkpoint: Mapping[str, Any]) -> None:
@@ -497,7 +562,11 @@ def check_manifest(checkpoint: Mapping[str, Any]) -> None:
     if expected is None:
         return  # written before digests, or by hand
     state_dict = checkpoint.get("state_dict")
-    if not isinstance(expected, str) or not isinstance(state_dict, Mapping) or quantization_state_digest(state_dict) != expected:
+    matches = isinstance(expected, str) and isinstance(state_dict, Mapping) and quantization_state_digest(state_dict) == expected
+    if not matches and isinstance(expected, str) and isinstance(state_dict, Mapping) and _names_compiled(state_dict):
+        # Written before digests were of canonical names: over the keys as they are.
+        matches = _digest(state_dict, canonical=False) == expected
+    if not matches:
         raise CheckpointMismatchError(
             f"the checkpoint's quantization state does not match the digest written with it "
             f"(checkpoint['{MANIFEST_KEY}']['{DIGEST_KEY}']): the file was modified or damaged after it was written. "
@@ -521,8 +590,10 @@ def _check_manifest_folds(entries: Any, state_dict: Any) -> None:
             raise CheckpointMismatchError(
                 f"{field}[{index}] must be an object with a module name, the layer it went into, and optional aliases"
             )
-        listed.update({name: entry["into"] for name in names})
-    saved = {name: value.get("into") for name, value in _saved_folds(state_dict).items()} if isinstance(state_dict, Mapping) else {}
+        listed.update({canonical_name(name): canonical_name(entry["into"]) for name in names})
+    # Compared without torch.compile's _orig_mod: the state dict may have been translated to a model compiled otherwise.
+    saved_folds = _saved_folds(state_dict) if isinstance(state_dict, Mapping) else {}
+    saved = {canonical_name(name): _canonical_fold(value).get("into") for name, value in saved_folds.items()}
     if listed != saved:
         raise CheckpointMismatchError(
             f"{field} lists {sorted(listed.items())[:5]} but the state dict folds {sorted(saved.items())[:5]}: the "
@@ -531,9 +602,29 @@ def _check_manifest_folds(entries: Any, state_dict: Any) -> None:
 
 
 def prepare_for_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """`prepare_for_state_dict` for a Lightning checkpoint dictionary, after `check_manifest` (its version and digest)."""
+    """`prepare_for_state_dict` for a Lightning checkpoint dictionary, after `check_manifest` (its version and digest).
+
+    Where ``model`` names the checkpoint's entries otherwise (a submodule wrapped in
+    ``torch.compile`` in one and not in the other), ``checkpoint["state_dict"]`` is rewritten
+    in place with ``model``'s names, for Lightning's strict ``load_state_dict`` that follows
+    the ``on_load_checkpoint`` hook this is called from (the digest does not change).
+    """
     check_manifest(checkpoint)
-    prepare_for_state_dict(model, _state_dict_of(checkpoint))
+    state_dict = _state_dict_of(checkpoint)
+    translated = prepare_for_state_dict(model, state_dict)
+    if list(translated) == list(state_dict) and all(translated[k] is v for k, v in state_dict.items()):
+        return
+    if isinstance(state_dict, MutableMapping):
+        metadata = getattr(translated, "_metadata", None)
+        state_dict.clear()
+        state_dict.update(translated)
+        if metadata is not None:
+            try:
+                state_dict._metadata = metadata  # type: ignore[attr-defined]
+            except AttributeError:  # a mapping that takes no attributes had no _metadata either
+                pass
+    elif isinstance(checkpoint, MutableMapping):
+        checkpoint["state_dict"] = translated
 
 
 def _state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -685,6 +776,6 @@ def load_nipq_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, map_lo
     check_manifest(checkpoint)
     check_saved_state(checkpoint["state_dict"])
     model = _build_module(cls, checkpoint, kwargs)
-    prepare_for_state_dict(model, checkpoint["state_dict"])
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    state_dict = prepare_for_state_dict(model, checkpoint["state_dict"])  # with model's names, compiled or not
+    model.load_state_dict(state_dict, strict=True)
     return model

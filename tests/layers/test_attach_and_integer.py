@@ -11,9 +11,12 @@ from lightning_nipq import NIPQConfig, attach_quantizers, hard_quantize
 from lightning_nipq.layers import (
     IntegerLayerMixin,
     QuantizedLayerMixin,
+    SplitMultiheadAttention,
     calibrate_activations,
     detach_quantizers,
+    quantized_layers,
     quantizers,
+    split_attention,
 )
 from lightning_nipq.quant import integer_codes
 
@@ -53,13 +56,54 @@ def test_every_conv_kind_is_quantized_and_reported():
     assert result.skipped == []
 
 
-def test_transformer_layer_quantizes_its_linears_and_lists_attention_as_float():
+def test_transformer_layer_quantizes_its_attention_projections_and_linears():
     model = TinyTransformer()
+    float_keys = set(model.state_dict())
     result = attach_quantizers(model)
-    assert {"encoder.linear1", "encoder.linear2", "embed", "head"} == set(result.quantized)
+    attention = [f"encoder.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    assert set(result.quantized) == {"encoder.linear1", "encoder.linear2", "embed", "head", *attention}
+    assert result.skipped == []
+    assert isinstance(model.encoder.self_attn, SplitMultiheadAttention)
+    # Quantized projections save under their own names, beside their quantizers.
+    keys = set(model.state_dict())
+    projections = {f"{name}.{p}" for name in attention for p in ("weight", "bias")}
+    assert keys - float_keys == projections - {"encoder.self_attn.out_proj.weight", "encoder.self_attn.out_proj.bias"} | {
+        k for k in keys if ".weight_quantizer." in k or ".input_quantizer." in k
+    }
+    assert float_keys - keys == {"encoder.self_attn.in_proj_weight", "encoder.self_attn.in_proj_bias"}
+
+
+def test_split_attention_in_float_keeps_torchs_keys_and_loads_torchs_state():
+    reference = TinyTransformer()
+    model = copy.deepcopy(reference)
+    assert split_attention(model) == ["encoder.self_attn"]
+    assert isinstance(model.encoder.self_attn, SplitMultiheadAttention)
+    saved = reference.state_dict()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in saved.items()}
+    fresh = TinyTransformer()
+    split_attention(fresh)
+    fresh.load_state_dict(saved)
+    x = blobs(16).tensors[0]
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), reference(x), atol=1e-6)
+
+
+def test_attention_whose_projections_are_all_excluded_stays_whole_with_a_reason():
+    model = TinyTransformer()
+    result = attach_quantizers(model, exclude=["encoder.self_attn.*"])
+    assert type(model.encoder.self_attn) is nn.MultiheadAttention
     skipped = dict(result.skipped)
-    assert "encoder.self_attn" in skipped and "in_proj_weight" in skipped["encoder.self_attn"]
-    assert "encoder.self_attn.out_proj" in skipped
+    assert "include/exclude left out its projections" in skipped["encoder.self_attn"]
+    assert "F.multi_head_attention_forward" in skipped["encoder.self_attn.out_proj"]
+
+
+def test_a_failed_attach_puts_the_attention_back_unsplit():
+    model = TinyTransformer()
+    attention = model.encoder.self_attn
+    with pytest.raises(ValueError, match="not among the quantized layers"):
+        attach_quantizers(model, float_input_layers=["nowhere"])
+    assert model.encoder.self_attn is attention and type(attention) is nn.MultiheadAttention
+    assert not any(True for _ in quantized_layers(model))
 
 
 def test_include_exclude_and_shared_layers():
@@ -79,8 +123,11 @@ def test_bad_patterns_and_models_without_layers_raise_value_errors():
         attach_quantizers(MLP(), include=["hed"])
     with pytest.raises(ValueError, match="no layer to quantize"):
         attach_quantizers(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)))
-    with pytest.raises(ValueError, match="no layer to quantize.*MultiheadAttention"):
-        attach_quantizers(nn.Sequential(nn.MultiheadAttention(8, 2)))
+    class OwnAttention(nn.MultiheadAttention):
+        pass
+
+    with pytest.raises(ValueError, match="no layer to quantize.*subclasses nn.MultiheadAttention"):
+        attach_quantizers(nn.Sequential(OwnAttention(8, 2)))
     model = MLP()
     attach_quantizers(model)
     with pytest.raises(ValueError, match="already quantized"):

@@ -47,7 +47,16 @@ def assert_qdq_graph(path, model):
     graph, producers, inits = graph_facts(path)
     ops = [n.op_type for n in graph.node]
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, IntegerLayerMixin)]
-    quantized_inputs = [m for _, m in layers if m.input_bits is not None]
+    quantized = [(n, m) for n, m in layers if m.input_bits is not None]
+    # A self-attention's query, key and value projections quantize one tensor: the export
+    # merges their QuantizeLinear nodes where their ranges and bits are equal.
+    distinct = {}
+    for name, m in quantized:
+        parent, _, child = name.rpartition(".")
+        same_input = child in ("q_proj", "k_proj", "v_proj")
+        key = (parent, float(m.input_alpha), m.input_bits, m.input_signed) if same_input else name
+        distinct.setdefault(key, m)
+    quantized_inputs = list(distinct.values())
     assert ops.count("QuantizeLinear") == len(quantized_inputs)
     assert ops.count("DequantizeLinear") == len(layers) + len(quantized_inputs)
     packed = opset_of(path) >= 21
