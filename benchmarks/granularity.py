@@ -16,7 +16,10 @@ Three parts, each from float models trained once (and cached with ``--float-cach
   groups of 32 and 128 divide every linear layer's inputs; its conv patch embedding, which
   cannot have groups, stays float in every row): NIPQ and LSQ at W4/W3/W2 and NIPQ mixed
   at ``--wo-mixed`` average weight bits, per ``--wo-granularities``, and PTQ at the same
-  fixed bits (no training to make up for coarse ranges).
+  fixed bits (no training to make up for coarse ranges);
+* ``zero-point``: ``input_zero_point="off"`` against ``"auto"`` (a zero point for inputs whose
+  minimum is negative but small, such as the GELU output that feeds each MLP's second linear
+  layer) on ``--zp-model`` (the ViT), PTQ, LSQ and NIPQ at ``--zp-bits``, weights per channel.
 
 Every quantized run ends as a validated integer model (HardQuantize); the tables give its
 test accuracy, the average weight and input bits and the packed size (weights at their
@@ -54,7 +57,7 @@ from lightning_nipq.demo.data import ImageDataModule
 from lightning_nipq.demo.models import ImageClassifier
 
 MODELS = ("resnet", "vit", "mobilenet")
-SECTIONS = ("channel", "seeds", "weight-only")
+SECTIONS = ("channel", "seeds", "weight-only", "zero-point")
 SECTION = "granularity"
 #: The weight-only ViT's patch embedding: a conv, which cannot have ranges per group of inputs.
 PATCH_EMBED = "patch_embed"
@@ -143,6 +146,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--wo-granularities", type=granularity_arg, nargs="+", default=["tensor", "channel", 128, 32], help="'weight-only'"
     )
+    parser.add_argument("--zp-model", choices=MODELS, default="vit", help="'zero-point': the model")
+    parser.add_argument("--zp-bits", type=int, nargs="+", default=[4, 3, 2], help="'zero-point': the WbAb settings")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument(
         "--threads",
@@ -324,6 +329,21 @@ def run(args: argparse.Namespace) -> Outcome:
                     )
                     setting = f"avg {target:g}"
                     record("weight-only", g, ("vit-wo", "mixed", setting, seed0), qat(model, cb, "NIPQ mixed", setting, seed0))
+    if "zero-point" in args.sections:
+        model = float_model(args.zp_model)
+        for bits in args.zp_bits:
+            setting = f"W{bits}A{bits}"
+            for rule in ("off", "auto"):
+                key = (args.zp_model, setting, seed0)
+                if "ptq" in args.methods:
+                    make = partial(runs.run_ptq, model, data, bits, args.ptq_method, seed=seed0, input_zero_point=rule)
+                    record("zero-point", rule, (*key, "ptq"), make)
+                if "lsq" in args.methods:
+                    cb = runs.lsq(bits, quantizer_lr_factor=args.lsq_lr_factor, input_zero_point=rule)
+                    record("zero-point", rule, (*key, "lsq"), qat(model, cb, "LSQ", setting, seed0))
+                if "nipq" in args.methods:
+                    cb = nipq(bits, bits, "channel", input_zero_point=rule)
+                    record("zero-point", rule, (*key, "nipq"), qat(model, cb, "NIPQ", setting, seed0))
     return Outcome(entries, float_acc, spread)
 
 
@@ -439,6 +459,36 @@ def weight_only_table(outcome: Outcome, args: argparse.Namespace) -> str:
     return markdown_table(header, rows)
 
 
+def zero_point_table(outcome: Outcome) -> str:
+    """Accuracy without and with input zero points, and how many inputs took one."""
+    rows: dict[tuple[str, str, str], dict[str, runs.Result]] = defaultdict(dict)
+    for e in outcome.entries:
+        if e.section == "zero-point":
+            rows[(e.result.model, e.result.method, e.result.setting)][e.granularity] = e.result
+    header = ["model", "method", "setting", "W bits", "A bits", "off acc. %", "auto acc. %", "auto − off", "inputs with a zero point"]
+    header += ["auto KiB", "integer check"]
+    out = []
+    for (model, method, setting), cells in rows.items():
+        off, auto = cells.get("off"), cells.get("auto")
+        both = [r for r in (off, auto) if r is not None]
+        out.append(
+            [
+                model,
+                method,
+                setting,
+                _bits([r.weight_bits for r in both]),
+                _act([r.act_bits for r in both]),
+                f"{100 * off.accuracy:.2f}" if off else "",
+                f"{100 * auto.accuracy:.2f}" if auto else "",
+                f"{100 * (auto.accuracy - off.accuracy):+.2f}" if off and auto else "",
+                str(auto.zero_point_inputs) if auto else "",
+                f"{auto.size_kib:.1f}" if auto else "",
+                runs.check_cell(both),
+            ]
+        )
+    return markdown_table(header, out)
+
+
 def seed_noise(outcome: Outcome) -> str:
     """A sentence on how far one seed's accuracy moves, from the seeds part when it ran."""
     groups: dict[str, list[float]] = defaultdict(list)
@@ -465,6 +515,8 @@ def tables(outcome: Outcome, args: argparse.Namespace) -> dict[str, str]:
         parts["seeds"] = text + ("\n\n" + verdict if verdict else "")
     if "weight-only" in sections:
         parts["weight-only"] = weight_only_table(outcome, args)
+    if "zero-point" in sections:
+        parts["zero-point"] = zero_point_table(outcome)
     return parts
 
 
@@ -512,6 +564,14 @@ def publish(args: argparse.Namespace, argv: Optional[Sequence[str]], outcome: Ou
             f"sets `{args.ptq_method}` ranges without training; NIPQ mixed learns one bit-width per layer under the "
             "average-bit budget:",
             parts["weight-only"],
+        ]
+    if "zero-point" in parts:
+        model = {"resnet": "ResNetStyle", "vit": "SmallViT", "mobilenet": "MobileNetV2Style"}[args.zp_model]
+        body += [
+            f"**Input zero points** on {model}: `input_zero_point=\"off\"` (signed or unsigned codes, the default) against "
+            '`"auto"` (unsigned codes with a zero point for an input whose calibrated minimum is negative but at most half '
+            "its maximum, such as a GELU output), fixed bits, weights per channel:",
+            parts["zero-point"],
         ]
     write_section(args.section, "\n\n".join(body), args.doc)
 

@@ -62,6 +62,8 @@ class Result:
     typical_rel_diff: float = 0.0
     seconds: float = 0.0
     seed: int = 0
+    #: Quantized inputs with a zero point (unsigned codes shifted to cover a small negative share).
+    zero_point_inputs: int = 0
 
 
 def trainer(epochs: int, callbacks: Optional[list[Callback]] = None, accelerator: str = "cpu") -> Trainer:
@@ -146,6 +148,7 @@ def _result(model: ImageClassifier, method: str, setting: str, report: Quantizat
         typical_rel_diff=report.typical_rel_diff or 0.0,
         seconds=time.perf_counter() - start,
         seed=seed,
+        zero_point_inputs=sum(1 for layer in report.layers if layer.input_zero_point),
     )
 
 

@@ -50,7 +50,7 @@ def test_granularity_benchmark_smoke(tmp_path, capsys):
     argv = ["--data", "digits", "--train-samples", "128", "--batch-size", "64", "--float-epochs", "1", "--qat-epochs", "2"]
     argv += ["--models", "mobilenet", "--bits", "2", "--methods", "ptq", "nipq", "--seeds", "0", "1"]
     argv += ["--wo-dim", "32", "--wo-depth", "1", "--wo-bits", "2", "--wo-mixed", "2.5", "--wo-methods", "ptq", "nipq", "mixed"]
-    argv += ["--wo-granularities", "channel", "16", "--float-cache", str(tmp_path / "cache"), "--doc", str(doc)]
+    argv += ["--wo-granularities", "channel", "16", "--zp-bits", "3", "--float-cache", str(tmp_path / "cache"), "--doc", str(doc)]
     assert granularity.main(argv) == 0
     printed = capsys.readouterr().out
 
@@ -58,9 +58,9 @@ def test_granularity_benchmark_smoke(tmp_path, capsys):
     assert "intro by hand" in text and text.count("<!-- begin granularity -->") == 1
     assert "python -m benchmarks.granularity --data digits" in text and "torch threads" in text and "load average" in text
     assert "exclude=['patch_embed']" in text
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # the MobileNet and the weight-only ViT
-    channel, seeds, weight_only = _tables(text)
-    assert all(len(table) > 1 for table in (channel, seeds, weight_only))
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # the MobileNet, the weight-only ViT and the zero-point ViT
+    channel, seeds, weight_only, zero_point = _tables(text)
+    assert all(len(table) > 1 for table in (channel, seeds, weight_only, zero_point))
     assert "| " + " | ".join(channel[0]) + " |" in printed  # the printed tables are the written ones
 
     # Part 1: a row per method, per-tensor and per-channel accuracy side by side, bits as asked.
@@ -100,3 +100,16 @@ def test_granularity_benchmark_smoke(tmp_path, capsys):
         assert float(row[col["group 16 KiB"]]) > float(row[col["channel KiB"]])  # more ranges, more stored steps
     assert settings[("NIPQ", "W2")][col["W bits"]] == settings[("PTQ (mse)", "W2")][col["W bits"]] == "2.00"
     assert all(float(b) <= 2.5 for b in settings[("NIPQ mixed", "avg 2.5")][col["W bits"]].split(" / "))
+
+    # Part 4: input zero points off and auto side by side; the ViT's GELU outputs take one.
+    header, *rows = zero_point
+    col = {name: i for i, name in enumerate(header)}
+    assert [(r[col["model"]], r[col["method"]], r[col["setting"]]) for r in rows] == [
+        ("SmallViT", "PTQ (mse)", "W3A3"),
+        ("SmallViT", "NIPQ", "W3A3"),
+    ]
+    for row in rows:
+        off, auto = float(row[col["off acc. %"]]), float(row[col["auto acc. %"]])
+        assert float(row[col["auto − off"]]) == pytest.approx(auto - off, abs=0.011)
+        assert int(row[col["inputs with a zero point"]]) >= 1 and row[col["integer check"]] == "yes"
+    assert 'input_zero_point=\\"off\\"' not in text and '`input_zero_point="off"`' in text

@@ -79,8 +79,8 @@ class NIPQCallback(QuantizationAwareTraining):
             ``weight_decay=0`` (their groups are split off your optimizer's groups at fit start).
         include: shell-style module-name patterns to quantize (default: all supported layers).
         exclude: module-name patterns to leave in float.
-        float_input_layers: layers whose input stays float (default: the first supported
-            layer, which usually takes the raw model input).
+        float_input_layers: layers whose input stays float (default: those fed the model's own
+            input, found by data flow on the first calibration batch).
         weight_granularity: ``"channel"`` (one range per output channel), ``"tensor"`` (one
             per weight) or a group size ``g`` (one per ``g`` consecutive inputs of each output
             channel, for linear layers: weight-only transformers use 32 to 128). Bits stay one

@@ -48,8 +48,8 @@ class QuantizationAwareTraining(Callback):
             ``weight_decay=0``.
         include: shell-style module-name patterns to quantize (default: all supported layers).
         exclude: module-name patterns to leave in float.
-        float_input_layers: layers whose input stays float (default: the first supported
-            layer, which usually takes the raw model input).
+        float_input_layers: layers whose input stays float (default: those fed the model's own
+            input, found by data flow on the first calibration batch).
         calibration_batches: training batches used to measure input ranges and signs before
             input quantization starts.
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
