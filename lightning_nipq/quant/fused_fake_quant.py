@@ -33,11 +33,12 @@ from torch.autograd.function import once_differentiable
 from lightning_nipq.quant.fake_quant import _clamp_unit, code_grid
 from lightning_nipq.quant.noise import NOISE_KINDS, sample_noise, uniform_noise
 
-# Where an element lies against the noise proxy's range, packed into one byte per element.
-_PASSES = 1  # lower <= x <= alpha: the clamp passes the gradient to x (the edges included)
+# Where an element lies against the noise proxy's range, one byte per element: the number of
+# the comparisons x >= lower, x > lower, x >= alpha, x > alpha that hold.
+_BELOW = 0  # x < lower: the gradient goes to the bottom of the range
 _INSIDE = 2  # lower < x < alpha: noise is added
-_BELOW = 4  # x < lower: the gradient goes to the bottom of the range
-_ABOVE = 8  # x > alpha: the gradient goes to alpha
+_ABOVE = 4  # x > alpha: the gradient goes to alpha
+# 1 and 3 are x == lower and x == alpha: with _INSIDE, where the clamp passes the gradient to x.
 
 
 _fused_enabled = True
@@ -174,13 +175,11 @@ class _NoiseFakeQuant(torch.autograd.Function):
         noise = sample_noise(kind, xc, alpha, bits, signed, generator, zero_point)
         step, lower = _noise_bounds(alpha, bits, signed, zero_point)
         out = torch.clamp(xc, min=lower, max=alpha)
-        inside = (xc > lower) & (xc < alpha)
-        code = (
-            ((xc >= lower) & (xc <= alpha)).to(torch.uint8)
-            | (inside.to(torch.uint8) << 1)
-            | ((xc < lower).to(torch.uint8) << 2)
-            | ((xc > alpha).to(torch.uint8) << 3)
-        )
+        code = (xc >= lower).to(torch.uint8)
+        code += xc > lower
+        code += xc >= alpha
+        code += xc > alpha
+        inside = code == _INSIDE
         ctx.signed, ctx.x_shape, ctx.x_dtype = signed, x.shape, x.dtype
         ctx.save_for_backward(code, alpha, bits, zero_point, None if regenerate else noise)
         term = inside.to(xc.dtype).mul_(noise).mul_(step)
@@ -194,7 +193,8 @@ class _NoiseFakeQuant(torch.autograd.Function):
         g = grad.to(_compute_dtype(grad))
         grad_x = None
         if need_x:
-            grad_x = _sum_to(torch.where((code & _PASSES) != 0, g, 0.0), ctx.x_shape).to(ctx.x_dtype)
+            # code - 1 wraps below _BELOW to 255: the clamp passes codes 1 to 3.
+            grad_x = _sum_to(torch.where((code - 1) <= _INSIDE, g, 0.0), ctx.x_shape).to(ctx.x_dtype)
         if not (need_alpha or need_bits):
             return grad_x, None, None, None, None, None, None
         if noise is None:
@@ -207,10 +207,10 @@ class _NoiseFakeQuant(torch.autograd.Function):
             _, n_b = code_grid(b, ctx.signed, zero_point)
         n = n_b.detach()
         # The composed function's backward, summed in autograd's order (see _HardFakeQuant).
-        grad_step = _sum_to(torch.where((code & _INSIDE) != 0, g * noise, 0.0), alpha.shape)
-        grad_alpha = _sum_to(torch.where((code & _ABOVE) != 0, g, 0.0), alpha.shape)
+        grad_step = _sum_to(torch.where(code == _INSIDE, g * noise, 0.0), alpha.shape)
+        grad_alpha = _sum_to(torch.where(code == _ABOVE, g, 0.0), alpha.shape)
         if zero_point is not None or ctx.signed:
-            grad_lower = _sum_to(torch.where((code & _BELOW) != 0, g, 0.0), alpha.shape)
+            grad_lower = _sum_to(torch.where(code == _BELOW, g, 0.0), alpha.shape)
             if zero_point is not None:  # lower = -z * step
                 grad_step = grad_step + grad_lower * -zero_point
             else:  # lower = -alpha

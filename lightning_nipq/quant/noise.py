@@ -15,9 +15,24 @@ NOISE_KINDS: tuple[str, ...] = ("uniform", "histogram")
 HISTOGRAM_BINS = 256
 
 
+#: Uniform noise takes one of this many evenly spaced values in (-0.5, 0.5): 15 random bits.
+NOISE_LEVELS = 1 << 15
+
+
 def uniform_noise(like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """``U(-0.5, 0.5)``: the paper found it as accurate as the histogram and cheaper."""
-    return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32) - 0.5
+    """``U(-0.5, 0.5)`` (float32, shaped like ``like``): the paper found it as accurate as the histogram and cheaper.
+
+    Each sample is ``(k + 0.5) / 2**15 - 0.5`` for a uniform 15-bit ``k``, a resolution far
+    below any quantization step's. The bits come from 63-bit random integers, four samples
+    each: on a CPU, ``torch.rand``'s one generator call per element cost more than the whole
+    fake quantization around it (13 ms for the 1.6 M elements of one ResNet activation, against
+    3 ms this way).
+    """
+    numel = like.numel()
+    words = torch.empty(((numel + 3) // 4,), dtype=torch.int64, device=like.device).random_(generator=generator)
+    # random_ fills [0, 2**63): the top bit of each word is 0, so every 16-bit piece keeps its low 15 bits.
+    samples = words.view(torch.int16)[:numel].bitwise_and(NOISE_LEVELS - 1)
+    return samples.to(torch.float32).mul_(1.0 / NOISE_LEVELS).add_(0.5 / NOISE_LEVELS - 0.5).view(like.shape)
 
 
 def histogram_noise(
@@ -150,6 +165,8 @@ def sample_noise_compilable(
     are detached before they reach the opaque op.
     """
     if kind == "uniform" and generator_key == GLOBAL_RNG_KEY:
-        return uniform_noise(x)  # torch's own RNG is traceable
+        # torch's own RNG is traceable, but not Tensor.random_: compiled code draws from the
+        # compiler's RNG anyway, so the float draw is as good here.
+        return torch.rand(x.shape, device=x.device, dtype=torch.float32) - 0.5
     zp = None if zero_point is None else zero_point.detach()
     return _noise_op(kind, x.detach(), alpha.detach(), bits.detach(), signed, generator_key, order, zp)

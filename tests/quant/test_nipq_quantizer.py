@@ -84,3 +84,16 @@ def test_one_bit_quantizer_on_signed_data_is_promoted_to_two_bits_not_nan():
     out = q(torch.randn(1000))
     assert torch.isfinite(out).all() and q.rounded_bits() == 2
     assert torch.unique(q.eval()(torch.randn(1000))).numel() <= 3
+
+
+def test_a_quantizer_without_a_generator_compiles_without_graph_breaks_in_the_noise_phase():
+    q = NIPQQuantizer(signed=True, init_alpha=1.0).train()  # learned and stochastic bits: two draws
+    x = torch.randn(64, 32, requires_grad=True)
+    compiled = torch.compile(lambda t: q(t), backend="eager", fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert x.grad is not None and q.alpha_raw.grad is not None
+    inside = x.detach().abs() < 1.0
+    # Inside the range, noise of at most half a step (a step is at most alpha, at 2 bits); outside, the clip.
+    assert ((y - x).detach()[inside].abs() <= 0.5 + 1e-6).all()
+    assert torch.equal(y.detach()[~inside], x.detach()[~inside].clamp(-1.0, 1.0))
