@@ -554,6 +554,10 @@ class LayerKind:
     foldable: bool = True
     #: The name the artifact and the report record; by default the float class's name.
     type_name: Optional[str] = None
+    #: Whether the layer multiplies its input's last dimension by the weight as a matrix
+    #: (``input @ weight.T`` with ``output_axis`` 0, ``input @ weight`` with 1) plus the bias:
+    #: the fused ONNX form writes it as a MatMul on the codes, which onnxruntime runs in integers.
+    matmul: bool = False
 
     def __post_init__(self) -> None:
         # Each form knows its kind, so a layer can check its own saved state (the range shapes).

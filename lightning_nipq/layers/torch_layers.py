@@ -226,7 +226,7 @@ class IntegerEmbedding(IntegerLayerMixin, _EmbeddingMaths, nn.Embedding):
 
 
 TORCH_LAYER_KINDS: tuple[LayerKind, ...] = (
-    LayerKind(nn.Linear, QuantizedLinear, IntegerLinear, groupable=True),
+    LayerKind(nn.Linear, QuantizedLinear, IntegerLinear, groupable=True, matmul=True),
     LayerKind(nn.Conv1d, QuantizedConv1d, IntegerConv1d),
     LayerKind(nn.Conv2d, QuantizedConv2d, IntegerConv2d),
     LayerKind(nn.Conv3d, QuantizedConv3d, IntegerConv3d),

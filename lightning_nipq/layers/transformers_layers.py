@@ -62,7 +62,7 @@ class IntegerConv1D(IntegerLayerMixin, _Conv1DMaths, Conv1D):
     pass
 
 
-CONV1D_KIND = Conv1DKind(Conv1D, QuantizedConv1D, IntegerConv1D, output_axis=1)
+CONV1D_KIND = Conv1DKind(Conv1D, QuantizedConv1D, IntegerConv1D, output_axis=1, matmul=True)
 #: The kinds this module defines, which the registry registers when it imports the module.
 PROVIDED_KINDS: tuple[LayerKind, ...] = (CONV1D_KIND,)
 

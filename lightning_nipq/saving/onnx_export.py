@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from lightning_nipq.convert.batchnorm_folding import find_foldable_batchnorms
 from lightning_nipq.convert.comparison import compare_outputs
 from lightning_nipq.layers.forms import IntegerLayerMixin
+from lightning_nipq.layers.layer_kinds import kind_of
 from lightning_nipq.layers.model_walk import integer_layers, require_integer_model
 from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.quant.granularity import is_group_size
@@ -209,6 +210,10 @@ class _OnnxLayerMixin:
     _onnx_input_range: Optional[tuple[float, float, float, int]]
     #: One of `EXPORT_FORMS`, set by ``_export_mode``.
     _onnx_form: str
+    #: Whether the fused form writes the layer as a MatMul (its kind's `LayerKind.matmul`), set by ``_export_mode``.
+    _onnx_matmul: bool
+    #: The codes as ``(inputs, outputs)`` for that MatMul where the layer stores them ``(outputs, inputs)``, else None.
+    _onnx_codes_t: Optional[Tensor]
     weight_codes: Tensor
     weight_scale: Tensor
     bias: Optional[Tensor]
@@ -219,9 +224,10 @@ class _OnnxLayerMixin:
         # Further arguments (a transposed convolution's ``output_size``) go to the layer's maths unchanged.
         x = input
         fused = self._onnx_form == "fused"
+        matmul = fused and self._onnx_matmul and not args and not kwargs
         # onnxruntime fuses a 2-d MatMul and its bias Add into a float Gemm before its QDQ
         # fusions run, which keeps the layer in float; on 3-d it leaves them to MatMulIntegerToFloat.
-        flat = fused and isinstance(self, nn.Linear) and x.dim() == 2 and not args and not kwargs
+        flat = matmul and x.dim() == 2
         if flat:
             x = x.unsqueeze(0)
         if self._onnx_input_range is not None:
@@ -240,11 +246,13 @@ class _OnnxLayerMixin:
             else:
                 x = torch.clamp(x, low, high)
                 x = torch.ops.lightning_nipq.quantize_dequantize(x, step, self.input_bits, self.input_signed, zero_point)
-        if fused and isinstance(self, nn.Linear) and not args and not kwargs:
-            # x @ W^T as a MatMul on codes stored (inputs, outputs), plus the bias: onnxruntime turns
+        if matmul:
+            # A MatMul on codes stored (inputs, outputs), plus the bias: onnxruntime turns
             # DequantizeLinear -> MatMul into MatMulIntegerToFloat, but keeps Gemm (a float bias) in float.
-            scale, axis, block = _weight_steps(self, transposed=True)  # type: ignore[arg-type]
-            weight = torch.ops.lightning_nipq.dequantize(self.weight_codes_t, scale, axis, block)
+            transposed = self._onnx_codes_t is not None
+            scale, axis, block = _weight_steps(self, transposed=transposed)  # type: ignore[arg-type]
+            codes = self._onnx_codes_t if transposed else self.weight_codes
+            weight = torch.ops.lightning_nipq.dequantize(codes, scale, axis, block)
             output = torch.matmul(x, weight)
             output = output if self.bias is None else output + self.bias
             return output.squeeze(0) if flat else output
@@ -309,30 +317,30 @@ def _input_range(layer: IntegerLayerMixin) -> Optional[tuple[float, float, float
 def _export_mode(model: nn.Module, form: str = "qdq") -> Iterator[None]:
     """Swap every integer layer to its QDQ twin (same object, same buffers) and eval, then restore.
 
-    In the fused form a linear layer also gets its codes transposed, ``(inputs, outputs)``, as a
-    buffer for the export only (``weight_codes_t``): the exporter then writes them as an
-    initializer rather than a Transpose that onnxruntime would have to fold.
+    In the fused form a layer written as a MatMul (`LayerKind.matmul`) whose codes are stored
+    ``(outputs, inputs)`` also gets them transposed, for the export only.
     """
     swapped = [(layer, type(layer)) for _, layer in integer_layers(model)]
     was_training = model.training
-    transposed: list[nn.Module] = []
     try:
         for layer, cls in swapped:
+            kind = kind_of(layer)
             layer._onnx_input_range = _input_range(layer)
             layer._onnx_form = form
-            if form == "fused" and isinstance(layer, nn.Linear):
-                layer.register_buffer("weight_codes_t", layer.weight_codes.t().contiguous(), persistent=False)
-                transposed.append(layer)
+            layer._onnx_matmul = form == "fused" and kind is not None and kind.matmul
+            # A buffer for the export only: the exporter writes it as an initializer rather than a
+            # Transpose that onnxruntime would have to fold.
+            stored_transposed = layer._onnx_matmul and kind is not None and kind.output_axis == 0
+            layer.register_buffer("_onnx_codes_t", layer.weight_codes.t().contiguous() if stored_transposed else None, persistent=False)
             layer.__class__ = _export_class(cls)
         model.eval()
         yield
     finally:
         for layer, cls in swapped:
             layer.__class__ = cls
-            layer.__dict__.pop("_onnx_input_range", None)
-            layer.__dict__.pop("_onnx_form", None)
-        for layer in transposed:
-            del layer._buffers["weight_codes_t"]
+            for attribute in ("_onnx_input_range", "_onnx_form", "_onnx_matmul"):
+                layer.__dict__.pop(attribute, None)
+            layer._buffers.pop("_onnx_codes_t", None)
         model.train(was_training)
 
 

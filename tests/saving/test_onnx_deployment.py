@@ -215,3 +215,29 @@ def test_plain_mlp_head_is_an_integer_matmul_not_a_float_gemm(tmp_path):
     assert not ops["Gemm"] and ops["MatMulIntegerToFloat"] >= 1, ops
     agreement, _, _ = compare_onnx(model, path, list(x.split(64)))
     assert agreement >= 0.999
+
+
+def test_fused_gpt2_runs_its_conv1d_layers_as_integer_matmuls(tmp_path):
+    """transformers' Conv1D (weight stored (inputs, outputs)) is a MatMul on codes too, not a float Gemm."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32, use_cache=False)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = transformers.GPT2LMHeadModel(config)
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids).logits
+
+    ids = torch.randint(0, 100, (32, 16), generator=torch.Generator().manual_seed(0))
+    model = quantized(Logits(), list(ids.split(8)), weight_bits=4, act_bits=8, fold=False)
+    path = export_onnx(model, tmp_path / "gpt2.onnx", ids[:2], form="fused")
+    ops, _ = optimized_ops(path, tmp_path)
+    matrices = sum(type(m).__name__ in ("IntegerConv1D", "IntegerLinear") for m in model.modules())
+    assert matrices == 2 * 4 + 1  # per block: c_attn, attention c_proj, c_fc, MLP c_proj; and lm_head
+    assert ops["MatMulIntegerToFloat"] == matrices and not ops["Gemm"], ops
+    agreement, _, _ = compare_onnx(model, path, [ids])
+    assert agreement >= 0.999
