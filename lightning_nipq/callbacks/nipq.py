@@ -388,12 +388,16 @@ class NIPQCallback(QuantizationAwareTraining):
         layers = self._layers
         hard_count = self.schedule.hard_layer_count(share, len(layers))
         blend = phase == "anneal"
+        hard: set[int] = set()
         for index, layer in enumerate(layers):
             mode = "hard" if index < hard_count else "noise"
             for q in (layer.weight_quantizer, layer.input_quantizer):
-                if q is not None:
-                    q.mode = mode
-                    q.blend_modes = blend
+                if q is None or (mode == "noise" and id(q) in hard):
+                    continue  # a weight quantizer shared by tied layers is hard once the first of them is
+                q.mode = mode
+                q.blend_modes = blend
+                if mode == "hard":
+                    hard.add(id(q))
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

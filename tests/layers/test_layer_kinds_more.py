@@ -633,3 +633,31 @@ def test_a_tied_model_trains_under_the_budget_and_its_integer_checkpoint_reloads
     assert fresh.net.out.weight_codes is fresh.net.emb.weight_codes
     with torch.no_grad():
         assert torch.equal(fresh(data.tensors[0]), model.eval()(data.tensors[0]))
+
+
+def test_a_tied_weight_turns_hard_in_the_anneal_with_the_first_of_its_layers():
+    from lightning.pytorch import Callback
+    from models import fast_trainer, loader
+
+    from lightning_nipq import NIPQCallback
+
+    class Modes(Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, str, str]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            net = pl_module.net
+            # Runs after NIPQCallback's hook (callbacks are called in order): the modes of this step.
+            self.seen.append((net.emb.weight_quantizer.mode, net.mid.weight_quantizer.mode, net.out.input_quantizer.mode))
+
+    tokens = ids(64, 9, vocab=50)
+    data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    modes = Modes()
+    callback = NIPQCallback(target_bits=4, hard_epochs=1, anneal_epochs=1, calibration_batches=1, log_per_layer=False)
+    fast_trainer(3, [callback, modes]).fit(TiedLMModule(), loader(data, batch_size=8))
+    # Layers in order: emb (its weight shared with out), mid, out. In the anneal they turn hard one by one.
+    annealing = modes.seen[8:16]
+    assert any(emb == "hard" and mid == "noise" for emb, mid, _ in annealing), annealing
+    for emb, mid, out_input in annealing:
+        # The shared weight quantizer is hard from the moment emb is, even while out's input is still noisy.
+        assert emb == "hard" or (mid == "noise" and out_input == "noise")
