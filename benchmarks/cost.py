@@ -185,19 +185,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     modes = [False, True] if args.compile else [False]
     variants = list(VARIANTS) + ([v + COMPOSED for v in VARIANTS if v != "float"] if args.reference else [])
     for compiled in modes:
-        runs: dict[str, list[StepCost]] = {variant: [] for variant in variants}
+        measured: dict[str, list[StepCost]] = {variant: [] for variant in variants}
         for repeat in range(args.repeats):  # interleaved, so that load drifting over the run hits every variant
             for variant in variants:
                 cost = measure(variant, args, loader, compiled)
-                runs[variant].append(cost)
+                measured[variant].append(cost)
                 tag = f"{' (compiled)' if compiled else '':11s} repeat {repeat}"
                 print(f"{variant:24s}{tag} median step {1000 * cost.median:8.2f} ms", flush=True)
         # Each repeat's ratio to the float step of the same repeat; the median ratio, and its range.
-        for variant, costs in runs.items():
-            ratios = [c.median / f.median for c, f in zip(costs, runs["float"])]
+        for variant, costs in measured.items():
+            ratios = [c.median / f.median for c, f in zip(costs, measured["float"])]
             spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
             memory = statistics.median(c.memory_bytes for c in costs)
-            base_memory = statistics.median(c.memory_bytes for c in runs["float"])
+            base_memory = statistics.median(c.memory_bytes for c in measured["float"])
             rows.append(
                 [
                     variant + (" (torch.compile)" if compiled else ""),

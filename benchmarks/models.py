@@ -1,15 +1,17 @@
-"""The benchmarked models: a ResNet-style CNN with BatchNorm, a small vision transformer and a small MobileNetV2.
+"""The benchmarked models: a ResNet-style CNN with BatchNorm, a small vision transformer, a small MobileNetV2 and a tiny GPT.
 
-Every matrix multiply with a weight is an ``nn.Linear`` or ``nn.Conv2d``, so every one is
-quantized: the transformer computes its attention projections with plain linears rather
-than ``nn.MultiheadAttention``, whose packed projection the package leaves in float.
+Every matrix multiply with a weight is quantized. The vision transformer computes its
+attention projections with plain linears (as it did before the package split
+``nn.MultiheadAttention`` into quantizable projections, which the tiny GPT relies on).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -229,3 +231,89 @@ class MobileNetV2Style(ImageClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.head(self.blocks(self.stem(x))).mean(dim=(2, 3)))
+
+
+class TinyGPT(LightningModule):
+    """A small GPT-style byte-level language model: token and position embeddings, causal pre-norm blocks, tied head.
+
+    Unlike `SmallViT`, the blocks are torch's own ``nn.TransformerEncoderLayer`` (pre-norm,
+    GELU, no dropout) run with a causal mask, so attention is an ``nn.MultiheadAttention``:
+    the package splits it into four quantizable ``nn.Linear`` projections and keeps torch's
+    fused fast path off. Both embeddings are ``nn.Embedding`` (quantized, weights only); the
+    output layer is an ``nn.Linear`` that shares the token embedding's weight (one weight
+    quantizer, stored once) unless ``tie=False``.
+
+    A batch is ``(x, y)``: ``(batch, tokens)`` token ids and the same shifted by one; the
+    loss is the mean next-token cross-entropy. AdamW, a linear warm-up over the first
+    ``warmup`` share of the steps, then cosine to zero.
+    """
+
+    def __init__(
+        self,
+        vocab: int = 256,
+        context: int = 128,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        tie: bool = True,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        warmup: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.context, self.lr, self.weight_decay, self.warmup = context, lr, weight_decay, warmup
+        self.tok_embed = nn.Embedding(vocab, dim)
+        self.pos_embed = nn.Embedding(context, dim)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                dim, heads, mlp_ratio * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        nn.init.normal_(self.tok_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed.weight, std=0.02)
+        if tie:
+            self.head.weight = self.tok_embed.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.shape[1]
+        if tokens > self.context:
+            raise ValueError(f"at most {self.context} tokens, got {tokens}")
+        h = self.tok_embed(x) + self.pos_embed(torch.arange(tokens, device=x.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens, device=x.device, dtype=h.dtype)
+        for block in self.blocks:
+            h = block(h, src_mask=mask, is_causal=True)
+        return self.head(self.norm(h))
+
+    def loss(self, batch: Any) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        rest = [p for p in self.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=self.lr
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warm = max(int(self.warmup * total), 1) if self.warmup > 0 else 0
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(total - warm, 1))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
