@@ -212,6 +212,41 @@ def plot(results: list[runs.Result], path: Path) -> Optional[Path]:
     return path
 
 
+def plot_layer_bits(results: list[runs.Result], path: Path) -> Optional[Path]:
+    """The bits NIPQ mixed learned for each layer (weights and inputs), one panel per model and budget, first seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    first: dict[tuple[str, str], runs.Result] = {}
+    for r in results:
+        if r.method == "NIPQ mixed" and r.layer_bits:
+            first.setdefault((r.model, r.setting), r)
+    if not first:
+        return None
+    panels = list(first.items())
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False)
+    for ax, ((model, setting), r) in zip(axes[:, 0], panels):
+        names = [name for name, _, _ in r.layer_bits]
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [w for _, w, _ in r.layer_bits], width=0.4, label="weight bits")
+        ax.bar([x + 0.2 for x in xs], [a or 0 for _, _, a in r.layer_bits], width=0.4, label="input bits (0: float)")
+        ax.set_title(f"{model}, NIPQ mixed {setting} (seed {r.seed}): W {r.weight_bits:.2f}, A {r.act_bits:.2f} on average")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("bits")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -223,6 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.no_doc:
         return 0
     figure = None if args.no_plot else plot(results, args.doc.with_name(f"benchmarks_{args.section}.png"))
+    layer_figure = None if args.no_plot else plot_layer_bits(results, args.doc.with_name(f"benchmarks_{args.section}_layer_bits.png"))
     samples = "all 60,000" if args.train_samples is None else f"the first {args.train_samples:,}"
     body = "\n\n".join(
         [
@@ -233,10 +269,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"seeds {', '.join(map(str, args.seeds))}. Accuracy is the converted integer model's.",
             text,
             f"![accuracy against bits]({figure.name})" if figure is not None else "",
+            (
+                "The bits NIPQ mixed learned for each layer (first seed; a bar at 0 input bits is a float input):\n\n"
+                f"![learned bits per layer]({layer_figure.name})"
+            )
+            if layer_figure is not None
+            else "",
         ]
     )
     write_section(args.section, body, args.doc)
-    print(f"\nwrote {args.doc}" + (f" and {figure}" if figure is not None else ""))
+    print(f"\nwrote {args.doc}" + "".join(f" and {f}" for f in (figure, layer_figure) if f is not None))
     return 0
 
 

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -64,6 +64,8 @@ class Result:
     seed: int = 0
     #: Quantized inputs with a zero point (unsigned codes shifted to cover a small negative share).
     zero_point_inputs: int = 0
+    #: ``(layer, weight bits, input bits or None)`` of every quantized layer, in model order.
+    layer_bits: list[tuple[str, int, Optional[int]]] = field(default_factory=list)
 
 
 def trainer(epochs: int, callbacks: Optional[list[Callback]] = None, accelerator: str = "cpu") -> Trainer:
@@ -149,6 +151,7 @@ def _result(model: ImageClassifier, method: str, setting: str, report: Quantizat
         seconds=time.perf_counter() - start,
         seed=seed,
         zero_point_inputs=sum(1 for layer in report.layers if layer.input_zero_point),
+        layer_bits=[(layer.name, layer.weight_bits, layer.input_bits) for layer in report.layers],
     )
 
 

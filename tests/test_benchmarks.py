@@ -34,6 +34,8 @@ def test_accuracy_benchmark_smoke(tmp_path, capsys):
     text = doc.read_text()
     assert "<!-- begin accuracy -->" in text and "python -m benchmarks.accuracy --data digits" in text
     assert (tmp_path / "benchmarks_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "benchmarks_accuracy_layer_bits.png").stat().st_size > 0
+    assert "![learned bits per layer](benchmarks_accuracy_layer_bits.png)" in text
     rows = {(r[0], r[1], r[2]): r for r in _rows(text)[1:]}
     assert len(rows) == 2 * 5  # float, PTQ, LSQ, NIPQ, NIPQ mixed for each model
     for model in ("ResNetStyle", "SmallViT"):
