@@ -50,6 +50,7 @@ from benchmarks.reporting import (
     command_line,
     environment,
     markdown_table,
+    torch_threads,
     write_section,
 )
 from lightning_nipq import NIPQCallback
@@ -578,13 +579,8 @@ def publish(args: argparse.Namespace, argv: Optional[Sequence[str]], outcome: Ou
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _main(args, argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:

@@ -53,9 +53,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import runs
 from benchmarks.models import TinyGPT
-from benchmarks.reporting import DOC_PATH, command_line, environment, markdown_table, write_section
+from benchmarks.reporting import DOC_PATH, command_line, environment, markdown_table, torch_threads, write_section
 from lightning_nipq import HardQuantize, LSQCallback, NIPQCallback, QuantizationReport, hard_quantize, post_training_quantize
-from lightning_nipq.convert import check_report
 
 SECTION = "language"
 METHODS = ("ptq", "lsq", "nipq", "mixed")
@@ -285,11 +284,6 @@ def train_float(args: argparse.Namespace, corpus: Corpus, test: DataLoader) -> t
 
 
 def _row(method: str, setting: str, model: torch.nn.Module, report: QuantizationReport, test: DataLoader, start: float) -> Row:
-    try:
-        check_report(report, runs.MIN_AGREEMENT, runs.MAX_REL_DIFF)
-        validated = True
-    except RuntimeError:
-        validated = False
     return Row(
         method,
         setting,
@@ -297,7 +291,7 @@ def _row(method: str, setting: str, model: torch.nn.Module, report: Quantization
         weight_bits=report.avg_weight_bits,
         act_bits=report.avg_act_bits,
         size_kib=report.quantized_bytes / 1024,
-        validated=validated,
+        validated=runs.passes_check(report),
         agreement=report.agreement if report.agreement is not None else 1.0,
         typical_rel_diff=report.typical_rel_diff or 0.0,
         seconds=time.perf_counter() - start,
@@ -423,13 +417,6 @@ def run(args: argparse.Namespace, corpus: Corpus) -> list[Row]:
 # ---------------------------------------------------------------- table and doc
 
 
-def check_cell(row: Row) -> str:
-    """"yes" when the integer model passed HardQuantize's default check, else its figures."""
-    if row.validated:
-        return "yes"
-    return f"**no**: agreement {100 * row.agreement:.1f}%, p99 rel. diff {row.typical_rel_diff:.1e}"
-
-
 def table(rows: list[Row]) -> str:
     header = ["method", "setting", "W bits", "A bits", "test perplexity", "vs float", "KiB", "integer check", "time s"]
     reference = next((r.perplexity for r in rows if r.method == "float"), None)
@@ -445,7 +432,7 @@ def table(rows: list[Row]) -> str:
                 f"{r.perplexity:.3f}",
                 f"{r.perplexity / reference:.3f}x" if quantized and reference else "",
                 f"{r.size_kib:.1f}",
-                check_cell(r) if quantized else "",
+                runs.check_cell([r]) if quantized else "",
                 f"{r.seconds:.0f}",
             ]
         )
@@ -494,13 +481,8 @@ def publish(args: argparse.Namespace, argv: Optional[Sequence[str]], corpus: Cor
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _main(args, argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:

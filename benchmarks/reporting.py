@@ -7,12 +7,26 @@ import platform
 import re
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Inside the block torch uses ``count`` CPU threads (0: leave torch's setting), and its own setting again after."""
+    before = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
@@ -131,12 +131,16 @@ def _batches(loader: DataLoader, count: int) -> list[Any]:
     return batches
 
 
-def _result(model: ImageClassifier, method: str, setting: str, report: QuantizationReport, data: ImageDataModule, start: float, seed: int) -> Result:
+def passes_check(report: QuantizationReport) -> bool:
+    """Whether the integer model passed HardQuantize's default check (the runs convert without refusing)."""
     try:
         check_report(report, MIN_AGREEMENT, MAX_REL_DIFF)
-        validated = True
     except RuntimeError:
-        validated = False
+        return False
+    return True
+
+
+def _result(model: ImageClassifier, method: str, setting: str, report: QuantizationReport, data: ImageDataModule, start: float, seed: int) -> Result:
     return Result(
         type(model).__name__,
         method,
@@ -145,7 +149,7 @@ def _result(model: ImageClassifier, method: str, setting: str, report: Quantizat
         weight_bits=report.avg_weight_bits,
         act_bits=report.avg_act_bits or 32.0,
         size_kib=report.quantized_bytes / 1024,
-        validated=validated,
+        validated=passes_check(report),
         agreement=report.agreement if report.agreement is not None else 1.0,
         typical_rel_diff=report.typical_rel_diff or 0.0,
         seconds=time.perf_counter() - start,
@@ -155,8 +159,11 @@ def _result(model: ImageClassifier, method: str, setting: str, report: Quantizat
     )
 
 
-def check_cell(results: list[Result]) -> str:
-    """"yes" when every integer model passed HardQuantize's default check, else the worst figures."""
+def check_cell(results: Sequence[Any]) -> str:
+    """"yes" when every integer model passed HardQuantize's default check, else the worst figures.
+
+    ``results`` are rows with ``validated``, ``agreement`` and ``typical_rel_diff`` (a `Result`, or another script's row).
+    """
     if all(r.validated for r in results):
         return "yes"
     agreement = min(r.agreement for r in results)

@@ -80,6 +80,19 @@ def separate_all_projection_keys(model: nn.Module, state: dict[str, Any]) -> dic
     return state
 
 
+def _linear_copy(weight: Tensor, bias: Optional[Tensor], training: bool) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` and ``bias`` (their device, dtype and ``requires_grad``)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.weight.requires_grad_(weight.requires_grad)
+    if bias is not None:
+        layer.bias.requires_grad_(bias.requires_grad)
+    return layer.train(training)
+
+
 class SplitMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` computing its projections with the ``nn.Linear`` layers ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj``.
 
@@ -118,7 +131,6 @@ class SplitMultiheadAttention(nn.MultiheadAttention):
         split.training = attention.training
         weight = attention.in_proj_weight
         bias = attention.in_proj_bias
-        device, dtype = attention.out_proj.weight.device, attention.out_proj.weight.dtype
         sources = (
             weight.chunk(3)
             if attention._qkv_same_embed_dim
@@ -126,27 +138,9 @@ class SplitMultiheadAttention(nn.MultiheadAttention):
         )
         biases = bias.chunk(3) if bias is not None else (None, None, None)
         for name, w, b in zip(INPUT_PROJECTIONS, sources, biases):
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=device, dtype=dtype)
-            with torch.no_grad():
-                layer.weight.copy_(w)
-                if b is not None:
-                    layer.bias.copy_(b)
-            layer.weight.requires_grad_(w.requires_grad)
-            if b is not None:
-                layer.bias.requires_grad_(b.requires_grad)
-            layer.train(attention.training)
-            setattr(split, name, layer)
+            setattr(split, name, _linear_copy(w, b, attention.training))
         out = attention.out_proj
-        out_proj = nn.Linear(out.in_features, out.out_features, bias=out.bias is not None, device=device, dtype=dtype)
-        with torch.no_grad():
-            out_proj.weight.copy_(out.weight)
-            if out.bias is not None:
-                out_proj.bias.copy_(out.bias)
-        out_proj.weight.requires_grad_(out.weight.requires_grad)
-        if out.bias is not None:
-            out_proj.bias.requires_grad_(out.bias.requires_grad)
-        out_proj.train(out.training)
-        split.out_proj = out_proj
+        split.out_proj = _linear_copy(out.weight, out.bias, out.training)
         split.bias_k = None if attention.bias_k is None else nn.Parameter(attention.bias_k.detach().clone())
         split.bias_v = None if attention.bias_v is None else nn.Parameter(attention.bias_v.detach().clone())
         split.add_zero_attn = attention.add_zero_attn
