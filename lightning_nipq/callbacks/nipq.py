@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -17,13 +18,18 @@ from lightning_nipq.layers.model_walk import quantized_layers, quantizers
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS
 from lightning_nipq.quant.nipq_quantizer import NIPQConfig
 from lightning_nipq.training.bit_budget import BUDGETS, BitBudget
+from lightning_nipq.training.bit_sensitivity import BitSensitivity
 from lightning_nipq.training.distillation import Distiller, frozen_copy
 from lightning_nipq.training.phase_schedule import PhaseSchedule
+
+log = logging.getLogger(__name__)
 
 #: Learned bits further above the target than this when freezing get a warning.
 UNMET_BUDGET_WARNING = 0.5
 #: The hard phase's share of the optimizer steps when the Trainer is limited by max_steps.
 DEFAULT_HARD_FRACTION = 0.1
+#: How the learned bits become whole bits when they freeze (see ``allocation``).
+ALLOCATIONS = ("sensitivity", "nearest")
 
 
 class NIPQCallback(QuantizationAwareTraining):
@@ -75,6 +81,14 @@ class NIPQCallback(QuantizationAwareTraining):
             when they freeze: the budget holds however short the run, and the task loss decides
             which layers sit above and which below. ``False`` leaves the average to the
             regulariser, which moves it about one bit per hundred steps.
+        allocation: how the bits freeze into whole bits that meet the budget. ``"sensitivity"``
+            (default): each learned bit-width's gradients over the noise phase measure how much
+            loss a bit less would cost that layer (`lightning_nipq.training.bit_sensitivity`),
+            and the whole bits with the least predicted loss are chosen: sensitive layers above
+            the target, robust ones below, even at a whole-bit target, where the learned bits of
+            a short run sit within half a bit of it and would all round to it. ``"nearest"``:
+            the whole bits nearest the learned ones (used too when a quantizer saw fewer than
+            8 noise-phase steps).
         quantizer_lr_factor: learning-rate factor for quantizer parameters, which also get
             ``weight_decay=0`` (their groups are split off your optimizer's groups at fit start).
         include: shell-style module-name patterns to quantize (default: all supported layers).
@@ -135,6 +149,7 @@ class NIPQCallback(QuantizationAwareTraining):
         anneal_fraction: Optional[float] = None,
         reg_weight: float = 1.0,
         enforce_budget: bool = True,
+        allocation: str = "sensitivity",
         quantizer_lr_factor: float = 10.0,
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
@@ -191,6 +206,8 @@ class NIPQCallback(QuantizationAwareTraining):
             raise ValueError(f"distillation_temperature must be a finite number > 0, got {distillation_temperature!r}")
         if not isinstance(enforce_budget, bool):
             raise ValueError(f"enforce_budget must be True or False, got {enforce_budget!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         super().__init__(
             config,
             quantizer_lr_factor=quantizer_lr_factor,
@@ -212,6 +229,7 @@ class NIPQCallback(QuantizationAwareTraining):
         self.anneal_fraction = anneal_fraction
         self.reg_weight = float(reg_weight)
         self.enforce_budget = enforce_budget
+        self.allocation = allocation
         self.distillation = distillation
         self.distillation_weight = float(distillation_weight)
         self.distillation_temperature = float(distillation_temperature)
@@ -225,6 +243,9 @@ class NIPQCallback(QuantizationAwareTraining):
         self._bit_loss_calls = 0
         self._generator: Optional[torch.Generator] = None
         self._generator_state: Optional[Tensor] = None
+        self.sensitivity = BitSensitivity()
+        self._sensitivity_state: Optional[dict[str, Any]] = None
+        self._named_quantizers: dict[str, Any] = {}
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -233,6 +254,7 @@ class NIPQCallback(QuantizationAwareTraining):
             "target_act_bits": self.target_act_bits,
             "budget": self.budget,
             "enforce_budget": self.enforce_budget,
+            "allocation": self.allocation,
             "hard_epochs": self.hard_epochs,
             "anneal_epochs": self.anneal_epochs,
             "hard_fraction": self.hard_fraction,
@@ -311,8 +333,14 @@ class NIPQCallback(QuantizationAwareTraining):
         if self._distiller is not None:
             self._distiller.teacher.to(pl_module.device)
         self._generator = self._make_generator(pl_module.device)
-        for _, q in quantizers(pl_module):
+        self._named_quantizers = dict(quantizers(pl_module))
+        for q in self._named_quantizers.values():
             q.generator = self._generator
+        if self._sensitivity_state is not None:
+            self.sensitivity.load_state_dict(self._sensitivity_state, pl_module.device)
+            self._sensitivity_state = None
+        elif not trainer.ckpt_path:
+            self.sensitivity.reset()
 
     def _make_generator(self, device: torch.device) -> torch.Generator:
         generator = torch.Generator(device=device)
@@ -399,6 +427,31 @@ class NIPQCallback(QuantizationAwareTraining):
                 if mode == "hard":
                     hard.add(id(q))
 
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.allocation == "sensitivity" and not self._bits_frozen and self._phase(pl_module) != "hard":
+            # The bits' gradients are complete here (accumulated, unscaled, all-reduced).
+            self.sensitivity.observe(self._named_quantizers, self._regulariser_gradients(pl_module))
+
+    def _regulariser_gradients(self, pl_module: LightningModule) -> Optional[dict[str, Tensor]]:
+        """The budget regulariser's share of each bit logit's gradient, which is not the task's.
+
+        Recomputed from the same bits (they change only in the optimizer step and the
+        projection before the batch): a graph of a few scalars per layer. With manual
+        optimisation the user adds the regulariser as they see fit; nothing is taken out then.
+        """
+        if self.reg_weight == 0 or not pl_module.automatic_optimization:
+            return None
+        named = [(name, q.logistic_bits()[0]) for name, q in self._named_quantizers.items() if q.learns_bits]
+        named = [(name, logit) for name, logit in named if logit.requires_grad]
+        if not named:
+            return None
+        with torch.enable_grad():
+            loss = self.bit_budget.loss_of(self._pairs()) * self.reg_weight
+            if not loss.requires_grad:
+                return None
+            grads = torch.autograd.grad(loss, [logit for _, logit in named], allow_unused=True)
+        return {name: grad for (name, _), grad in zip(named, grads) if grad is not None}
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -436,9 +489,14 @@ class NIPQCallback(QuantizationAwareTraining):
                         f"target {target:g}; whole bits are cut to fit, which costs accuracy. Raise "
                         "quantizer_lr_factor or reg_weight, or train longer before the hard phase."
                     )
+            costs = None
+            if self.allocation == "sensitivity":
+                costs = self.sensitivity.costs(dict(quantizers(pl_module)))
+                if costs is None:
+                    log.info("NIPQ: too few noise-phase steps to measure sensitivities; whole bits nearest the learned ones")
             # Under enforce_budget the learned bits meet the budget on average; rounding a few
             # large layers can still leave much of it unused, so the fit fills it.
-            chosen = self.bit_budget.fit(pairs, fill=self.enforce_budget)
+            chosen = self.bit_budget.fit(pairs, fill=self.enforce_budget, costs=costs)
         for weight_q, input_q in pairs:
             for q in (weight_q, input_q):
                 # An input that stays float is frozen as it is: its bits are never used.
@@ -450,11 +508,14 @@ class NIPQCallback(QuantizationAwareTraining):
         state = super().state_dict()
         if self._generator is not None:
             state["generator_state"] = self._generator.get_state()
+        state["bit_sensitivity"] = self.sensitivity.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "generator_state"})
+        own = ("generator_state", "bit_sensitivity")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in own})
         self._generator_state = state_dict.get("generator_state")
+        self._sensitivity_state = state_dict.get("bit_sensitivity")
 
     def _manifest_extra(self, pl_module: LightningModule) -> dict[str, Any]:
         return {"phase": self._phase(pl_module)}

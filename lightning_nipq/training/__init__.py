@@ -2,6 +2,7 @@
 schedule, quantizer optimizer groups, distillation and per-layer metrics."""
 
 from lightning_nipq.training.bit_budget import BitBudget, fit_bits_to_budget, fit_bops_to_budget, weight_and_act_average_bits
+from lightning_nipq.training.bit_sensitivity import BitSensitivity
 from lightning_nipq.training.distillation import Distiller, distillation_loss
 from lightning_nipq.training.layer_metrics import per_layer_metrics
 from lightning_nipq.training.param_groups import split_quantizer_params
@@ -9,6 +10,7 @@ from lightning_nipq.training.phase_schedule import PhaseSchedule
 
 __all__ = [
     "BitBudget",
+    "BitSensitivity",
     "Distiller",
     "PhaseSchedule",
     "distillation_loss",

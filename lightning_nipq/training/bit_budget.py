@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from lightning_nipq.layers.model_walk import quantized_layers
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.training.bit_sensitivity import loss_increase
 
 BUDGETS: tuple[str, ...] = ("avg_bits", "bops")
 FLOAT_BITS = 32.0
@@ -129,20 +130,22 @@ class BitBudget:
                 total = total + F.smooth_l1_loss(avg, torch.full_like(avg, float(target)))
         return total
 
-    def fit(self, pairs: Sequence[Pair], fill: bool = False) -> dict[int, int]:
+    def fit(self, pairs: Sequence[Pair], fill: bool = False, costs: Optional[Mapping[int, float]] = None) -> dict[int, int]:
         """Whole bits for the ``(weight quantizer, input quantizer or None)`` pairs that meet this budget.
 
         ``"avg_bits"`` fits weights and inputs to their own targets (`fit_bits_to_budget`),
         ``"bops"`` both together (`fit_bops_to_budget`); ``fill`` uses the budget to within
-        `FILL_TOLERANCE`. Returns ``{id(quantizer): bits}``.
+        `FILL_TOLERANCE`; ``costs`` (``{id(quantizer): c}``, see
+        `lightning_nipq.training.bit_sensitivity`) minimises the predicted loss instead of the
+        distance to the learned bits. Returns ``{id(quantizer): bits}``.
         """
         if self.budget == "bops":
-            return fit_bops_to_budget(pairs, self.target_bits, float(self.target_act_bits), fill)  # type: ignore[arg-type]
+            return fit_bops_to_budget(pairs, self.target_bits, float(self.target_act_bits), fill, costs)  # type: ignore[arg-type]
         weights = [w for w, _ in pairs]
         inputs = [a for _, a in pairs if a is not None and a.calibrated]
         return {
-            **fit_bits_to_budget(weights, self.target_bits, fill),
-            **fit_bits_to_budget(inputs, float(self.target_act_bits), fill),  # type: ignore[arg-type]
+            **fit_bits_to_budget(weights, self.target_bits, fill, costs),
+            **fit_bits_to_budget(inputs, float(self.target_act_bits), fill, costs),  # type: ignore[arg-type]
         }
 
     def excess(self, pairs: Sequence[Pair]) -> list[tuple[str, float, float]]:
@@ -367,10 +370,31 @@ def _bit_options(q: BaseQuantizer) -> list[int]:
     return list(range(q.lowest_bits, q.highest_bits + 1)) if q.learns_bits else [q.rounded_bits()]
 
 
-def fit_bits_to_budget(quantizers: Sequence[BaseQuantizer], target: float, fill: bool = False) -> dict[int, int]:
+def _penalty(q: BaseQuantizer, bits: int, costs: Optional[Mapping[int, float]], weight: float) -> float:
+    """What choosing ``bits`` for ``q`` costs: its predicted loss with ``costs``, else ``weight`` times the squared distance to its learned bits."""
+    if not q.learns_bits:
+        return 0.0
+    if costs is not None:
+        return loss_increase(costs[id(q)], bits, q.signed)
+    return weight * (bits - float(q.continuous_bits().detach())) ** 2
+
+
+def _complete(costs: Optional[Mapping[int, float]], quantizers: Sequence[Optional[BaseQuantizer]]) -> Optional[Mapping[int, float]]:
+    # One objective for all: costs only count when every learning quantizer has one.
+    if costs is None or any(q is not None and q.learns_bits and id(q) not in costs for q in quantizers):
+        return None
+    return costs
+
+
+def fit_bits_to_budget(
+    quantizers: Sequence[BaseQuantizer], target: float, fill: bool = False, costs: Optional[Mapping[int, float]] = None
+) -> dict[int, int]:
     """Whole bits, one per quantizer, whose element-weighted mean is at most ``target``.
 
-    Among all such assignments it returns the one closest to the learned continuous bits,
+    With ``costs`` (``{id(quantizer): c}`` for every quantizer that learns its bits, see
+    `lightning_nipq.training.bit_sensitivity`), it returns the assignment with the least
+    predicted loss ``sum(c / n(b)**2)``. Otherwise, among all such assignments it returns the one
+    closest to the learned continuous bits,
     measured as the element-weighted squared distance (see `_cheapest_within`). When the
     learned bits already meet the budget this is just their rounding. Frozen quantizers keep
     their bits. Rounding each layer on its own cannot do this: with a few large layers, the
@@ -383,12 +407,10 @@ def fit_bits_to_budget(quantizers: Sequence[BaseQuantizer], target: float, fill:
     sized = [q for q in unique(quantizers) if q.size > 0]
     if not sized:
         return {}
+    costs = _complete(costs, sized)
     total = float(sum(q.size for q in sized))
     options = [_bit_options(q) for q in sized]
-    items = []
-    for q, opts in zip(sized, options):
-        learned = float(q.continuous_bits().detach())
-        items.append([(q.size * b, q.size * (b - learned) ** 2) for b in opts])
+    items = [[(q.size * b, _penalty(q, b, costs, q.size)) for b in opts] for q, opts in zip(sized, options)]
     chosen = _cheapest_within(items, target * total, FILL_TOLERANCE * total if fill else None)
     if chosen is None:
         # Even the lowest bits break the budget: give every layer its lowest bits.
@@ -396,7 +418,13 @@ def fit_bits_to_budget(quantizers: Sequence[BaseQuantizer], target: float, fill:
     return {id(q): opts[index] for q, opts, index in zip(sized, options, chosen)}
 
 
-def fit_bops_to_budget(pairs: Sequence[Pair], target_bits: float, target_act_bits: float, fill: bool = False) -> dict[int, int]:
+def fit_bops_to_budget(
+    pairs: Sequence[Pair],
+    target_bits: float,
+    target_act_bits: float,
+    fill: bool = False,
+    costs: Optional[Mapping[int, float]] = None,
+) -> dict[int, int]:
     """Whole weight and input bits whose MAC-weighted mean of ``b_w * b_a`` is at most the BOPs target.
 
     The target is the loss's: ``target_bits * target_act_bits`` per MAC, with ``b_a = 32`` for
@@ -404,28 +432,34 @@ def fit_bops_to_budget(pairs: Sequence[Pair], target_bits: float, target_act_bit
     assignments that meet it, the one nearest to the learned bits is returned (squared
     distance, each quantizer weighted by its share of the weight or input elements). Layers
     that have not run yet (no MACs) keep their rounded bits. ``fill`` as for
-    `fit_bits_to_budget`, the tolerance in bits of the weight times `target_act_bits`.
+    `fit_bits_to_budget`, the tolerance in bits of the weight times `target_act_bits`;
+    ``costs`` as there (the predicted losses of a layer's weight and input add up).
     Returns ``{id(quantizer): bits}``.
     """
     measured = [(w, a if a is not None and a.calibrated else None) for w, a in merged_pairs(pairs) if w.macs > 0]
     if not measured:
         return {}
+    costs = _complete(costs, [q for pair in measured for q in pair])
     weight_total = float(sum(w.size for w, _ in measured)) or 1.0
     input_total = float(sum(a.size for _, a in measured if a is not None)) or 1.0
     budget = 0.0
     items = []
     choices = []
     for w, a in measured:
-        w_learned = float(w.continuous_bits().detach())
         w_opts = _bit_options(w)
-        if a is None:
-            a_opts, a_learned, a_share = [int(FLOAT_BITS)], float(FLOAT_BITS), 0.0
-        else:
-            a_opts, a_learned, a_share = _bit_options(a), float(a.continuous_bits().detach()), a.size / input_total
-        w_share = w.size / weight_total
+        a_opts = [int(FLOAT_BITS)] if a is None else _bit_options(a)
         options = [(bw, ba) for bw in w_opts for ba in a_opts]
         choices.append(options)
-        items.append([(w.macs * bw * ba, w_share * (bw - w_learned) ** 2 + a_share * (ba - a_learned) ** 2) for bw, ba in options])
+        items.append(
+            [
+                (
+                    w.macs * bw * ba,
+                    _penalty(w, bw, costs, w.size / weight_total)
+                    + (0.0 if a is None else _penalty(a, ba, costs, a.size / input_total)),
+                )
+                for bw, ba in options
+            ]
+        )
         budget += w.macs * float(target_bits) * (float(target_act_bits) if a is not None else FLOAT_BITS)
     macs = float(sum(w.macs for w, _ in measured))
     slack = FILL_TOLERANCE * float(target_act_bits) * macs if fill else None

@@ -55,8 +55,9 @@ def test_max_steps_alone_ends_in_a_hard_phase_with_the_budget_met(make, batch_si
     assert abs(watch.last_noise["weight"] - 3) <= 0.25 and abs(watch.last_noise["input"] - 3) <= 0.25, watch.last_noise
     assert watch.last_noise["weight_spread"] > 0.05  # the layers learned different bits
     assert not [w for w in caught if "above the target" in str(w.message)]
-    # and the freeze fills the budget with whole bits
+    # and the freeze fills the budget with whole bits, which differ between layers
     assert hard.report is not None and 2.95 <= hard.report.avg_weight_bits <= 3.0 + 1e-9
+    assert len({row.weight_bits for row in hard.report.layers}) > 1, [row.weight_bits for row in hard.report.layers]
 
 
 class Stream(IterableDataset):
@@ -105,16 +106,21 @@ def test_a_step_schedule_resumes_in_the_right_phase(tmp_path):
         callbacks = [NIPQCallback(target_bits=4, hard_fraction=0.2, anneal_fraction=0.2, calibration_batches=1), watch, checkpoints]
         trainer = fast_trainer(-1, callbacks + ([Crash()] if crash else []), max_steps=20, enable_checkpointing=True)
         trainer.fit(model, loader(data, batch_size=16), ckpt_path=ckpt_path)
-        return model, watch
+        return model, watch, callbacks[0]
 
-    straight, watch = run()
+    straight, watch, straight_nipq = run()
     assert [watch.phases[s] for s in (11, 12, 15, 16, 19)] == ["noise", "anneal", "anneal", "hard", "hard"]
     with pytest.raises(RuntimeError, match="crash"):
         run(crash=True)  # stops after 10 steps, in the noise phase
-    resumed, resumed_watch = run(ckpt_path=str(tmp_path / "crashed" / "last.ckpt"))
+    resumed, resumed_watch, resumed_nipq = run(ckpt_path=str(tmp_path / "crashed" / "last.ckpt"))
     assert min(resumed_watch.phases) == 10
     assert [resumed_watch.phases[s] for s in (11, 12, 16)] == ["noise", "anneal", "hard"]
     # The phases follow the global step, which the checkpoint restores. (Parameters are not
     # compared: with max_steps, Lightning itself replays the data differently after a resume.)
     assert all(q.frozen_bits is not None for _, q in quantizers(resumed))
     assert {name for name, _ in quantizers(resumed)} == {name for name, _ in quantizers(straight)}
+    # The sensitivities measured before the crash came back with the checkpoint: the resumed
+    # run froze its bits on as many noise-phase steps as the uninterrupted one.
+    names = [name for name, q in quantizers(straight) if straight_nipq.sensitivity.observed_steps(name)]
+    assert names
+    assert [resumed_nipq.sensitivity.observed_steps(n) for n in names] == [straight_nipq.sensitivity.observed_steps(n) for n in names]

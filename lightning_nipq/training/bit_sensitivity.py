@@ -1,0 +1,130 @@
+"""How much each learned bit-width costs the loss, measured from the gradients NIPQ gives the bits.
+
+NIPQ's noise on a tensor quantized to ``b`` bits is ``U(-0.5, 0.5)`` times the step
+``alpha / n(b)``, where ``n(b)`` is the largest code (`lightning_nipq.quant.codes.num_levels`).
+To second order the loss it adds is proportional to the noise's variance:
+``extra_loss(b) ~= c / n(b)**2``, where ``c`` sums the loss's curvature over the tensor's
+elements times ``alpha**2 / 12``. The gradient the noise gives the bits is, in expectation,
+``dL/db = -2 * ln(2) * (n + 1) / n * extra_loss(b)`` (``dn/db = ln(2) * (n + 1)``): each step's
+bit gradient is a one-sample (Hutchinson-like) estimate of ``c``, averaged here over the noise
+phase. For a quadratic loss the relation is exact in expectation (the tests check it).
+
+Why it is needed: under an enforced budget the learned bits keep their average at the target,
+and the optimizer (Adam normalises each step) moves every bit logit at about the same pace,
+so a run of a few hundred steps leaves them within half a bit of each other. Rounding them to
+whole bits then gives every layer the target's bits at a whole-bit target, whatever the layers'
+sensitivities. `BitBudget.fit` with these costs chooses the whole bits that minimise the
+predicted ``sum(c / n(b)**2)`` under the budget instead: sensitive layers above the target,
+robust ones below.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.codes import num_levels
+
+#: A quantizer's cost is only trusted after this many noise-phase steps.
+MIN_OBSERVATIONS = 8
+
+
+def loss_increase(cost: float, bits: int, signed: bool) -> float:
+    """The loss that noise at ``bits`` adds for a quantizer of sensitivity ``cost``: ``c / n(bits)**2``."""
+    return cost / float(num_levels(bits, signed)) ** 2
+
+
+def _gradient_per_cost(q: BaseQuantizer, bits: Tensor) -> Tensor:
+    """``-E[dL/db] / c`` at the whole bits the forward used.
+
+    Those are ``round(bits)``, or with stochastic bits ``round(bits + U(-0.5, 0.5))``: ``floor(bits)
+    + 1`` with probability equal to the fraction. Each is clamped to the quantizer's range.
+    """
+    low, high = float(q.lowest_bits), float(q.highest_bits)
+
+    def at(whole: Tensor) -> Tensor:
+        n = num_levels(whole.clamp(low, high), q.signed)
+        return 2 * math.log(2.0) * (n + 1) / n**3
+
+    if not getattr(q, "stochastic_bits", False):
+        return at(torch.round(bits))
+    below = torch.floor(bits)
+    fraction = bits - below
+    return (1 - fraction) * at(below) + fraction * at(below + 1)
+
+
+class BitSensitivity:
+    """Running estimates of ``c`` for named quantizers, kept on their device (no read-back per step).
+
+    Example:
+
+        >>> import torch
+        >>> from lightning_nipq.quant.nipq_quantizer import NIPQQuantizer
+        >>> q = NIPQQuantizer(signed=True, init_alpha=1.0)
+        >>> sensitivity = BitSensitivity()
+        >>> q(torch.randn(64)).pow(2).sum().backward()
+        >>> sensitivity.observe({"layer.weight_quantizer": q})
+        >>> sensitivity.observed_steps("layer.weight_quantizer")
+        1
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._counts.clear()
+
+    @torch.no_grad()
+    def observe(self, named_quantizers: dict[str, BaseQuantizer], other_gradients: Optional[dict[str, Tensor]] = None) -> None:
+        """Add one step's estimate for each quantizer that learns its bits, is in noise mode and has a gradient.
+
+        ``other_gradients`` holds, by name, the part of a bit logit's gradient that is not the
+        task loss's (the budget regulariser's), which is taken out first.
+        """
+        for name, q in named_quantizers.items():
+            if not q.learns_bits or getattr(q, "mode", "hard") != "noise" or q.stays_float or not q.calibrated:
+                continue
+            logit, low, high = q.logistic_bits()
+            if logit.grad is None:
+                continue
+            gradient = logit.grad.detach().float()
+            if other_gradients is not None and name in other_gradients:
+                gradient = gradient - other_gradients[name].detach().float()
+            share = torch.sigmoid(logit.detach().float())
+            # bits = low + span * sigmoid(logit): dL/db = dL/dlogit / (span * s * (1 - s)).
+            slope = ((high - low) * share * (1 - share)).clamp_min(1e-12)
+            bits = low + (high - low) * share
+            estimate = -(gradient / slope) / _gradient_per_cost(q, bits)
+            estimate = torch.nan_to_num(estimate.reshape(()), nan=0.0, posinf=0.0, neginf=0.0)
+            self._sums[name] = self._sums[name] + estimate if name in self._sums else estimate.clone()
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def observed_steps(self, name: str) -> int:
+        return self._counts.get(name, 0)
+
+    def costs(self, named_quantizers: dict[str, BaseQuantizer]) -> Optional[dict[int, float]]:
+        """``{id(quantizer): c}`` for the quantizers that learn their bits, or None if one lacks an estimate.
+
+        A negative mean (noise that did not measurably hurt) counts as zero: the layer is then
+        as cheap to cut as any.
+        """
+        learning = {name: q for name, q in named_quantizers.items() if q.learns_bits and q.calibrated and not q.stays_float}
+        if not learning or any(self._counts.get(name, 0) < MIN_OBSERVATIONS for name in learning):
+            return None
+        return {id(q): max(float(self._sums[name]) / self._counts[name], 0.0) for name, q in learning.items()}
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {name: [float(total), float(self._counts[name])] for name, total in self._sums.items()}
+
+    def load_state_dict(self, state: dict[str, Iterable[float]], device: torch.device) -> None:
+        self.reset()
+        for name, pair in state.items():
+            total, count = (float(v) for v in pair)
+            self._sums[name] = torch.tensor(total, device=device)
+            self._counts[name] = int(count)
