@@ -12,7 +12,7 @@ by name.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +26,10 @@ LAYER_REL_TOLERANCE = 1e-4
 
 
 
-class LayerRecord(dict[str, tuple[Tensor, Tensor]]):
+class LayerRecord(dict[str, tuple[Optional[Tensor], Tensor]]):
     """``name -> (input, output)`` of each recorded layer's first call, with ``calls``: its further arguments.
+
+    A learned tensor (`lightning_nipq.layers.learned_tensors`) is called without input: None.
 
     ``calls[name]`` is ``(args after the input, keyword arguments)`` of that call (a transposed
     convolution's ``output_size``), so the converted layer is called as the model called it.
@@ -60,7 +62,13 @@ def record_layers(model: nn.Module, run: Callable[[], Any], samples: int = LAYER
 
     def hook(name: str) -> Callable[..., None]:
         def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if name in record or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            if name in record or not isinstance(output, Tensor):
+                return
+            if not args and not kwargs:  # a learned tensor: a layer without input
+                record[name] = (None, output.detach().clone())  # type: ignore[assignment]
+                record.calls[name] = ((), {})
+                return
+            if not args or not isinstance(args[0], Tensor):
                 return
             x, y = args[0], output
             if x.dim() >= 2 and y.dim() >= 2:
@@ -87,6 +95,6 @@ def layer_rel_diffs(model: nn.Module, record: LayerRecord) -> dict[str, float]:
     with torch.no_grad(), full_precision_kernels():
         for name, (x, y) in record.items():
             args, kwargs = getattr(record, "calls", {}).get(name, ((), {}))
-            out = modules[name](x, *args, **kwargs).to(y.dtype)
+            out = (modules[name]() if x is None else modules[name](x, *args, **kwargs)).to(y.dtype)
             diffs[name] = float((out - y).abs().max()) / max(float(y.abs().max()), 1e-12)
     return diffs

@@ -21,6 +21,7 @@ from lightning_nipq.layers.layer_kinds import (
     register_layer_kind,
     unregister_layer_kind,
 )
+from lightning_nipq.layers.learned_tensors import LearnedTensor
 from lightning_nipq.layers.model_calls import call_model, default_input_fn, first_tensor
 from lightning_nipq.layers.model_walk import integer_layers, plan_layers, quantized_layers, quantizers
 from lightning_nipq.layers.post_training import post_training_quantize
@@ -31,6 +32,7 @@ __all__ = [
     "IntegerLayerMixin",
     "LAYER_KINDS",
     "LayerKind",
+    "LearnedTensor",
     "QuantizedLayerMixin",
     "SplitMultiheadAttention",
     "attach_quantizers",

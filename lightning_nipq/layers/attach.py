@@ -11,8 +11,15 @@ from lightning_nipq.layers.attention import PROJECTIONS, SplitMultiheadAttention
 from lightning_nipq.layers.forms import is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import kind_of, supported_names
 from lightning_nipq.layers.model_walk import check_patterns, matches, named_layers, plan_layers
+from lightning_nipq.layers.tensor_lifting import (
+    lift_learned_tensors_undoably,
+    liftable_tensors,
+    lifted_name,
+    lower_learned_tensors,
+)
 from lightning_nipq.layers.tied_weights import check_tied_ranges, share_weight_parameters, tied_groups
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.granularity import is_group_size
 from lightning_nipq.quant.methods import QuantizerFactory
 from lightning_nipq.quant.nipq_quantizer import NIPQConfig
 
@@ -61,10 +68,12 @@ def attach_quantizers(
     check_input_choice(quantize_inputs, float_input_layers)
     include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)
     undo_split = split_attention_undoably(model, _attention_to_quantize(model, include, exclude))
+    undo_lift = lift_learned_tensors_undoably(model, _tensors_to_quantize(model, config, include, exclude))
     try:
         result = _attach(model, config, include, exclude, float_input_layers, quantize_inputs)
     except BaseException:
-        undo_split()  # the model is left as it was
+        undo_lift()  # the model is left as it was
+        undo_split()
         raise
     disable_transformer_fast_path(model)
     return result
@@ -77,6 +86,23 @@ def _attention_to_quantize(model: nn.Module, include: Optional[Sequence[str]], e
         return (include is None or matches(name, include)) and not matches(name, exclude or [])
 
     return [name for name in attention_modules(model) if name and any(selected(f"{name}.{p}") for p in PROJECTIONS)]
+
+
+def _tensors_to_quantize(
+    model: nn.Module, config: QuantizerFactory, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]
+) -> list[tuple[str, str]]:
+    """The learned tensors to lift into layers: those include/exclude select by their own name (``embeddings.cls_token``).
+
+    Ranges per group of inputs need an ``(outputs, inputs)`` weight, which a learned tensor is
+    not; under a group size they stay float parameters of their module.
+    """
+    if is_group_size(config.weight_granularity):
+        return []
+
+    def selected(name: str) -> bool:
+        return (include is None or matches(name, include)) and not matches(name, exclude or [])
+
+    return [(module, p) for module, p in liftable_tensors(model) if selected(lifted_name(module, p))]
 
 
 def _attach(
@@ -167,8 +193,9 @@ def detach_quantizers(model: nn.Module) -> None:
     quantized values, while its inputs are no longer quantized, so its outputs differ from
     the integer model's by the input rounding. A `lightning_nipq.layers.FoldedBatchNorm`
     stays (an identity: the BatchNorm is part of the dequantized weight and bias). Layers
-    that shared one weight (tied) share one float Parameter again. The model can then be
-    quantized afresh with `attach_quantizers`.
+    that shared one weight (tied) share one float Parameter again, and learned tensors lifted
+    into layers (`lightning_nipq.layers.learned_tensors`) go back into their modules as plain
+    parameters. The model can then be quantized afresh with `attach_quantizers`.
     """
     layers = named_layers(model, lambda m: is_quantized(m) or is_integer(m))
     # Tied integer layers share codes; give them one Parameter afterwards, as the float model had.
@@ -178,3 +205,4 @@ def detach_quantizers(model: nn.Module) -> None:
         assert kind is not None
         kind.to_float(layer, dequantize=True)
     share_weight_parameters([[layer for _, layer in group] for group in ties])
+    lower_learned_tensors(model)  # learned tensors become their modules' parameters again

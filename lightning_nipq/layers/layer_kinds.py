@@ -22,6 +22,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_nipq.layers.forms import IntegerLayerMixin, LayerKind, QuantizedLayerMixin
+from lightning_nipq.layers.learned_tensors import LEARNED_TENSOR_KIND
 from lightning_nipq.layers.torch_layers import TORCH_LAYER_KINDS
 
 LAYER_KINDS: list[LayerKind] = []
@@ -172,7 +173,7 @@ def supported_names() -> str:
     return ", ".join(registered + lazy)
 
 
-for _kind in TORCH_LAYER_KINDS:
+for _kind in (*TORCH_LAYER_KINDS, LEARNED_TENSOR_KIND):
     register_layer_kind(_kind)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from lightning_nipq.layers.attention import SplitMultiheadAttention
 from lightning_nipq.layers.forms import is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import LAYER_KINDS, kind_of, supported_names
+from lightning_nipq.layers.tensor_lifting import liftable_tensors, lifted_name
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 
 
@@ -127,13 +128,16 @@ def unquantizable_reason(module: nn.Module, parent: Optional[nn.Module]) -> Opti
         )
     if isinstance(module, tuple(kind.float_type for kind in LAYER_KINDS)):
         return f"{type(module).__name__} subclasses a supported layer and may override its forward"
-    if any(True for _ in module.children()):
+    if parent is None:
         return (
-            f"{type(module).__name__} uses its own parameters ({names}) directly in its forward, as learned tensors rather "
-            "than through a layer; they stay float"
+            f"the model's own learned tensors ({names}) stay float: those of its submodules become quantized layers "
+            "(lightning_nipq.layers.learned_tensors), the model's own class is not changed; hold them in a submodule "
+            "to quantize them"
         )
     return (
-        f"{type(module).__name__} is not a supported layer type ({supported_names()}); "
+        f"{type(module).__name__}'s learned tensors ({names}) stay float: include/exclude left them out (they are "
+        "selected by their own names, such as '<module>.<tensor>'), or weight_granularity is a group size, which needs "
+        f"(outputs, inputs) weights. Its layers, if any, are quantized as {supported_names()}; "
         "lightning_nipq.layers.register_layer_kind adds a kind"
     )
 
@@ -158,8 +162,10 @@ def plan_layers(
     include = check_patterns("include", include)
     exclude = check_patterns("exclude", exclude) or []
     named = dict(model.named_modules())
+    # Learned tensors left as parameters (excluded) are selected by their own names too.
+    selectable = [*named, *(lifted_name(module, p) for module, p in liftable_tensors(model))]
     for pattern in (include or []) + exclude:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in named if name):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in selectable if name):
             raise ValueError(
                 f"pattern {pattern!r} matches no module of {type(model).__name__}; "
                 f"module names look like {[n for n in list(named)[1:6]]}"

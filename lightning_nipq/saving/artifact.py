@@ -92,6 +92,7 @@ from lightning_nipq.layers.module_names import (
     unwrap_compiled,
 )
 from lightning_nipq.layers.restore_point import restore_point
+from lightning_nipq.layers.tensor_lifting import lift_learned_tensors_undoably, lifted_in_state
 from lightning_nipq.layers.tied_weights import integer_ties, tie_integer_layers
 from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.saving.bit_packing import pack_codes, packed_size, unpack_codes
@@ -886,9 +887,13 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     # Attention modules whose projections were quantized are split first, so that those layers exist.
     layer_keys = [f"{name}.weight_codes" for layer in manifest.layers for name in layer.names]
     names = model_names(model)  # the file's canonical names are found under the model's own (compiled or not)
-    undo_split = split_attention_undoably(model, attention_in_state(model, [model_key(names, k) for k in [*tensors, *layer_keys]]))
+    saved_keys = [model_key(names, k) for k in [*tensors, *layer_keys]]
+    undo_split = split_attention_undoably(model, attention_in_state(model, saved_keys))
+    # So are the learned tensors stored as layers of their own.
+    undo_lift = lift_learned_tensors_undoably(model, lifted_in_state(model, saved_keys))
     problems = _architecture_problems(manifest, tensors, model)
     if problems:
+        undo_lift()
         undo_split()
         raise ArtifactError(
             f"{path} was saved from a model ({manifest.model_class}) that does not match this {type(model).__name__}: "
@@ -940,6 +945,7 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
         model.load_state_dict(model_keys(model, full_state), strict=True)
     except BaseException as e:
         restore()
+        undo_lift()
         undo_split()
         if isinstance(e, Exception) and not isinstance(e, ArtifactError):
             raise ArtifactError(

@@ -61,6 +61,7 @@ from lightning_nipq.layers.forms import (
 from lightning_nipq.layers.layer_kinds import describe_layer, kind_of, supported_names
 from lightning_nipq.layers.model_walk import named_layers
 from lightning_nipq.layers.module_names import COMPILED_SEGMENT, canonical_name, model_key, model_keys, model_names
+from lightning_nipq.layers.tensor_lifting import lift_learned_tensors_undoably, lifted_in_state
 from lightning_nipq.layers.tied_weights import tie_integer_layers, tied_groups
 from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 
@@ -259,9 +260,12 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> d
     built = check_saved_state(state_dict)
     # Attention modules whose projections the state dict quantizes are split first, so that those layers exist.
     undo_split = split_attention_undoably(model, attention_in_state(model, state_dict))
+    # So are the learned tensors it holds as layers of their own (keys under ``<module>.<tensor>.``).
+    undo_lift = lift_learned_tensors_undoably(model, lifted_in_state(model, state_dict))
     try:
         _prepare(model, state_dict, built)
     except BaseException:
+        undo_lift()
         undo_split()
         raise
     return state_dict

@@ -220,8 +220,12 @@ class _OnnxLayerMixin:
     input_bits: Optional[int]
     input_signed: bool
 
-    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, input: Optional[Tensor] = None, *args: Any, **kwargs: Any) -> Tensor:
         # Further arguments (a transposed convolution's ``output_size``) go to the layer's maths unchanged.
+        if input is None:
+            # A learned tensor (no input): its codes dequantized, stored as integers in the file.
+            scale, axis, block = _weight_steps(self)  # type: ignore[arg-type]
+            return torch.ops.lightning_nipq.dequantize(self.weight_codes, scale, axis, block)
         x = input
         fused = self._onnx_form == "fused"
         matmul = fused and self._onnx_matmul and not args and not kwargs
