@@ -66,6 +66,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--lsq-lr-factor", type=float, default=1.0, help="LSQ step-size learning-rate factor")
     parser.add_argument("--noise", choices=["uniform", "histogram"], default="uniform")
+    parser.add_argument(
+        "--nipq-distillation", action="store_true", help="NIPQ (fixed and mixed) distils from the float model (LSQ has no such option)"
+    )
+    parser.add_argument(
+        "--nipq-float-bn", action="store_true", help="NIPQ's noise phase normalises with the float model's BatchNorm statistics (eval-mode BatchNorm)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the quantized runs (float: the first)")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument(
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
             flush=True,
         )
 
+    extra = [runs.FloatBatchNormInNoisePhase()] if args.nipq_float_bn else []
     for name in args.models:
         make = model_factory(name, data.image_size)
         float_model, float_result = runs.train_float(make, data, args.float_epochs, args.seeds[0], _cache_file(args, name))
@@ -115,8 +122,9 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
                         noise=args.noise,
                         quantizer_lr_factor=args.nipq_fixed_lr_factor,
                         weight_init=args.nipq_weight_init,
+                        distillation=args.nipq_distillation,
                     )
-                    record(runs.run_qat(float_model, data, cb, "NIPQ", f"W{bits}A{bits}", args.qat_epochs, args.qat_lr, seed))
+                    record(runs.run_qat(float_model, data, cb, "NIPQ", f"W{bits}A{bits}", args.qat_epochs, args.qat_lr, seed, extra_callbacks=extra))
             if "mixed" in args.methods:
                 for target in args.mixed:
                     cb = runs.nipq_mixed(
@@ -126,8 +134,11 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
                         quantizer_lr_factor=args.nipq_lr_factor,
                         weight_init=args.nipq_weight_init,
                         max_bits=args.nipq_max_bits,
+                        distillation=args.nipq_distillation,
                     )
-                    record(runs.run_qat(float_model, data, cb, "NIPQ mixed", f"avg {target:g}", args.qat_epochs, args.qat_lr, seed))
+                    record(
+                        runs.run_qat(float_model, data, cb, "NIPQ mixed", f"avg {target:g}", args.qat_epochs, args.qat_lr, seed, extra_callbacks=extra)
+                    )
     return results
 
 

@@ -208,6 +208,22 @@ def run_ptq(
     return _result(model, name or f"PTQ ({method})", f"W{bits}A{act_bits}", report, data, start, seed)
 
 
+class FloatBatchNormInNoisePhase(Callback):
+    """During NIPQ's noise phase, BatchNorm normalises with the float model's running statistics and keeps them.
+
+    A benchmark variant (the issue's "BatchNorm handling in the noise phase"): batch
+    statistics of noisy activations are replaced by the float ones; the hard phase trains
+    BatchNorm as usual, and HardQuantize re-estimates the statistics at the end either way.
+    """
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        nipq = next(c for c in trainer.callbacks if isinstance(c, NIPQCallback))  # type: ignore[attr-defined]
+        noisy = nipq._phase(pl_module) != "hard"
+        for module in pl_module.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train(not noisy)
+
+
 def run_qat(
     float_model: ImageClassifier,
     data: ImageDataModule,
@@ -218,6 +234,7 @@ def run_qat(
     lr: float,
     seed: int = 0,
     bn_batches: int = 16,
+    extra_callbacks: Sequence[Callback] = (),
 ) -> Result:
     """Quantization-aware training with ``callback`` (NIPQ or LSQ) for ``epochs``, then HardQuantize."""
     seed_everything(seed, verbose=False)
@@ -230,7 +247,7 @@ def run_qat(
     # The seed also orders the data, so that seeds spread LSQ (deterministic otherwise) as well as NIPQ.
     order = torch.Generator().manual_seed(seed)
     loader = DataLoader(data.train_set, batch_size=data.batch_size, shuffle=True, generator=order)
-    trainer(epochs, [callback, hard]).fit(model, train_dataloaders=loader)
+    trainer(epochs, [callback, *extra_callbacks, hard]).fit(model, train_dataloaders=loader)
     assert hard.report is not None
     return _result(model, method, setting, hard.report, data, start, seed)
 

@@ -64,3 +64,15 @@ def test_cost_benchmark_smoke(tmp_path):
     for variant in quantized:
         assert ratio(rows[variant][3]) > 1.0 and ratio(rows[variant][1]) > 0.0
         assert ratio(rows[variant][3]) < ratio(rows[variant + cost.COMPOSED][3])
+
+
+def test_accuracy_benchmark_nipq_variants_smoke(tmp_path):
+    """The investigation's NIPQ variants: distillation from the float model and float BatchNorm statistics in the noise phase."""
+    doc = tmp_path / "benchmarks.md"
+    argv = ["--data", "digits", "--train-samples", "192", "--batch-size", "64", "--float-epochs", "1", "--qat-epochs", "2"]
+    argv += ["--models", "resnet", "--bits", "2", "--mixed", "--methods", "nipq", "--nipq-distillation", "--nipq-float-bn"]
+    argv += ["--doc", str(doc), "--no-plot"]
+    assert accuracy.main(argv) == 0
+    rows = {(r[0], r[1], r[2]): r for r in _rows(doc.read_text())[1:]}
+    row = rows[("ResNetStyle", "NIPQ", "W2A2")]
+    assert row[3] == "2.00" and row[8] == "yes"
