@@ -121,3 +121,33 @@ def test_the_regulariser_share_of_the_gradient_is_taken_out():
         (other,) = torch.autograd.grad(5.0 * q.bits(), [logit])
         penalised.observe({"q": q}, {"q": other})
     assert penalised.costs({"q": q})[id(q)] == pytest.approx(plain.costs({"q": q})[id(q)], rel=1e-5)
+
+
+def test_the_bops_fit_uses_the_costs_of_weights_and_inputs_together():
+    import itertools
+
+    from lightning_nipq.training import fit_bops_to_budget
+
+    def pair(size, macs, w_bits, a_bits):
+        w, a = _sized(size, w_bits), NIPQQuantizer(signed=False, init_bits=a_bits)
+        w.macs, a.size = macs, size
+        a.calibrated = True
+        return w, a
+
+    pairs = [pair(100, 1000, 3.1, 3.0), pair(100, 1000, 2.9, 3.0)]
+    (w0, a0), (w1, a1) = pairs
+    assert {fit_bops_to_budget(pairs, 3.0, 3.0)[id(w)] for w, _ in pairs} == {3}
+    costs = {id(w0): 50.0, id(a0): 1.0, id(w1): 0.1, id(a1): 1.0}
+    bits = fit_bops_to_budget(pairs, 3.0, 3.0, costs=costs)
+    assert bits[id(w0)] > bits[id(w1)]
+    assert sum(bits[id(w)] * bits[id(a)] for w, a in pairs) <= 2 * 9  # the BOPs budget holds
+
+    def predicted(choice):
+        return sum(loss_increase(costs[id(q)], b, q.signed) for q, b in zip((w0, a0, w1, a1), choice))
+
+    best = min(
+        predicted(c)
+        for c in itertools.product(range(2, 9), range(a0.lowest_bits, 9), range(2, 9), range(a1.lowest_bits, 9))
+        if c[0] * c[1] + c[2] * c[3] <= 18
+    )
+    assert predicted((bits[id(w0)], bits[id(a0)], bits[id(w1)], bits[id(a1)])) == pytest.approx(best)
