@@ -110,7 +110,9 @@ class NIPQCallback(QuantizationAwareTraining):
         calibration_batches: training batches used to measure input ranges and signs before
             input quantization starts.
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
-        init_bits: starting learned bit-width (default ``max_bits - 0.5``).
+        init_bits: starting learned bit-width. By default ``target_bits`` under ``enforce_budget``
+            (where the projection puts the bits on the first step anyway), so that the weight
+            ranges start at the clipping for the bits they train at; else ``max_bits - 0.5``.
         weight_init: starting weight range: ``"mse"`` (the clipping with the least rounding
             error at the starting bit-width; at fixed 2 bits it gained 1.75 points on the
             benchmark ResNet) or ``"max"`` (``max|W|``, as the paper's released code).
@@ -166,6 +168,14 @@ class NIPQCallback(QuantizationAwareTraining):
         distillation_temperature: float = 1.0,
         log_per_layer: bool = True,
     ) -> None:
+        #: The ``init_bits`` argument as given (None: the default, which depends on enforce_budget).
+        self.init_bits = init_bits
+        if init_bits is None and enforce_budget and isinstance(enforce_budget, bool) and _is_bit_count(target_bits):
+            # The projection puts the learned bits at the target from the first step: start them,
+            # and the weight ranges' MSE clipping, there rather than at max_bits - 0.5.
+            bounds_valid = all(isinstance(b, int) and not isinstance(b, bool) for b in (min_bits, max_bits))
+            if bounds_valid and max(min_bits, MIN_SIGNED_BITS) <= target_bits <= max_bits:
+                init_bits = float(target_bits)
         config = NIPQConfig(
             min_bits=min_bits,
             max_bits=max_bits,
@@ -519,6 +529,10 @@ class NIPQCallback(QuantizationAwareTraining):
 
     def _manifest_extra(self, pl_module: LightningModule) -> dict[str, Any]:
         return {"phase": self._phase(pl_module)}
+
+
+def _is_bit_count(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_targets(config: NIPQConfig, target_bits: Any, target_act_bits: Any) -> None:

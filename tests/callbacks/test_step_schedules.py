@@ -124,3 +124,23 @@ def test_a_step_schedule_resumes_in_the_right_phase(tmp_path):
     names = [name for name, q in quantizers(straight) if straight_nipq.sensitivity.observed_steps(name)]
     assert names
     assert [resumed_nipq.sensitivity.observed_steps(n) for n in names] == [straight_nipq.sensitivity.observed_steps(n) for n in names]
+
+
+def test_learned_bits_and_weight_ranges_start_at_the_target_under_the_enforced_budget():
+    from lightning_nipq import attach_quantizers
+    from lightning_nipq.quant import weight_ranges
+
+    nipq = NIPQCallback(target_bits=3)
+    assert nipq.quantizer_config.init_bits == 3.0
+    model = MLP()
+    weights = {name: layer.weight.detach().clone() for name, layer in model.named_modules() if isinstance(layer, torch.nn.Linear)}
+    attach_quantizers(model, nipq.quantizer_config)
+    for name, layer in quantized_layers(model):
+        q = layer.weight_quantizer
+        # Bits learned from 3 (the target), not from 7.5; ranges at the MSE clipping for 3 bits.
+        assert float(q.continuous_bits()) == pytest.approx(3.0, abs=1e-4)
+        expected = weight_ranges(weights[name], "channel", q.range_shape, 3, "mse")
+        assert torch.allclose(q.alpha.detach(), expected.reshape(q.alpha.shape), rtol=1e-5)
+    # Without the projection the bits start half a bit under max_bits, as before; a given init_bits is kept.
+    assert NIPQCallback(target_bits=3, enforce_budget=False).quantizer_config.init_bits is None
+    assert NIPQCallback(target_bits=3, init_bits=6).quantizer_config.init_bits == 6
