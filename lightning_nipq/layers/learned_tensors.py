@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.layers.forms import IntegerLayerMixin, LayerKind, QuantizedLayerMixin, integer_values
+from lightning_nipq.layers.forms import _INTEGER_ARITHMETIC, IntegerLayerMixin, LayerKind, QuantizedLayerMixin, integer_values
 
 
 class LearnedTensor(nn.Module):
@@ -50,8 +50,6 @@ class LearnedTensor(nn.Module):
 
 
 class _LearnedTensorMaths:
-    bias: Optional[Tensor] = None
-
     def apply_weight(self, input: Optional[Tensor], weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return weight  # nothing is computed: the tensor is the output
 
@@ -64,8 +62,8 @@ class _LearnedTensorMaths:
 
 class QuantizedLearnedTensor(QuantizedLayerMixin, _LearnedTensorMaths, LearnedTensor):
     def forward(self) -> Tensor:  # type: ignore[override]
-        if not self.training:
-            # The integer form's dequantized codes, so that the integer model matches this one exactly.
+        if _INTEGER_ARITHMETIC.active and not self.training:
+            # What the integer form will give, to the bit, as every layer does inside `integer_arithmetic`.
             with torch.no_grad():
                 values = integer_values(self)
                 return _dequantized(values.weight_codes, values.weight_scale, self.weight.dtype)
@@ -81,10 +79,7 @@ def _dequantized(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (codes.to(torch.float32) * scale.to(torch.float32)).to(dtype)
 
 
-class LearnedTensorKind(LayerKind):
-    """Learned tensors: weights only, one range per slice of axis 0 when per channel."""
-
-
-LEARNED_TENSOR_KIND = LearnedTensorKind(
-    LearnedTensor, QuantizedLearnedTensor, IntegerLearnedTensor, weights_only=True, foldable=False, type_name="LearnedTensor"
+#: Learned tensors: weights only, one range per slice of axis 0 when per channel.
+LEARNED_TENSOR_KIND = LayerKind(
+    LearnedTensor, QuantizedLearnedTensor, IntegerLearnedTensor, weights_only=True, foldable=False
 )
