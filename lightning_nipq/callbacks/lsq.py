@@ -36,6 +36,8 @@ class LSQCallback(QuantizationAwareTraining):
             per layer.
         quantize_inputs: ``False`` quantizes weights only: no input quantizer anywhere, and
             the budget counts weights only.
+        quantize_products: ``True`` also quantizes both operands of the activation products
+            inside attention, at ``act_bits`` (see `lightning_nipq.layers.attach_quantizers`).
         input_zero_point: ``"off"`` (default: symmetric signed codes for inputs that take
             negative values, unsigned ones otherwise) or ``"auto"``: calibration gives a zero
             point to each input whose most negative value is at most half its largest magnitude
@@ -69,6 +71,7 @@ class LSQCallback(QuantizationAwareTraining):
         float_input_layers: Optional[Sequence[str]] = None,
         weight_granularity: Union[str, int] = "channel",
         quantize_inputs: bool = True,
+        quantize_products: bool = False,
         input_zero_point: str = "off",
         calibration_batches: int = 4,
         calibration_percentile: float = 99.9,
@@ -87,6 +90,7 @@ class LSQCallback(QuantizationAwareTraining):
             calibration_percentile=calibration_percentile,
             log_per_layer=log_per_layer,
             quantize_inputs=quantize_inputs,
+            quantize_products=quantize_products,
         )
         self.quantizer_config: LSQConfig = config
 

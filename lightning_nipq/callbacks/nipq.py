@@ -17,7 +17,7 @@ from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTrainin
 from lightning_nipq.layers.model_walk import quantized_layers, quantizers
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS
 from lightning_nipq.quant.nipq_quantizer import NIPQConfig
-from lightning_nipq.training.bit_budget import BUDGETS, BitBudget
+from lightning_nipq.training.bit_budget import BUDGETS, BitBudget, model_pairs
 from lightning_nipq.training.bit_sensitivity import BitSensitivity
 from lightning_nipq.training.distillation import Distiller, frozen_copy
 from lightning_nipq.training.phase_schedule import PhaseSchedule
@@ -101,6 +101,13 @@ class NIPQCallback(QuantizationAwareTraining):
             per layer.
         quantize_inputs: ``False`` quantizes weights only: no input quantizer anywhere, and
             the budget counts weights only.
+        quantize_products: ``True`` also quantizes both operands of the two
+            activation-by-activation products inside attention (``Q @ K^T`` and
+            ``weights @ V`` of every ``nn.MultiheadAttention``, and any
+            `lightning_nipq.layers.ActivationProduct` of your model), for all-integer
+            attention. Each operand counts in the average input bits like a layer's input and
+            learns its bits the same way; the integer model multiplies their codes exactly.
+            Needs ``budget="avg_bits"``.
         input_zero_point: ``"off"`` (default: symmetric signed codes for inputs that take
             negative values, unsigned ones otherwise) or ``"auto"``: calibration gives a zero
             point to each input whose most negative value is at most half its largest magnitude
@@ -158,6 +165,7 @@ class NIPQCallback(QuantizationAwareTraining):
         float_input_layers: Optional[Sequence[str]] = None,
         weight_granularity: Union[str, int] = "channel",
         quantize_inputs: bool = True,
+        quantize_products: bool = False,
         input_zero_point: str = "off",
         calibration_batches: int = 4,
         calibration_percentile: float = 99.9,
@@ -218,6 +226,11 @@ class NIPQCallback(QuantizationAwareTraining):
             raise ValueError(f"enforce_budget must be True or False, got {enforce_budget!r}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if quantize_products is True and budget == "bops":
+            raise ValueError(
+                "quantize_products=True counts the products' operands in the average input bits; the BOPs budget "
+                "weighs layers by their weight's multiply-accumulates and has no place for them. Use budget='avg_bits'"
+            )
         super().__init__(
             config,
             quantizer_lr_factor=quantizer_lr_factor,
@@ -228,6 +241,7 @@ class NIPQCallback(QuantizationAwareTraining):
             calibration_percentile=calibration_percentile,
             log_per_layer=log_per_layer,
             quantize_inputs=quantize_inputs,
+            quantize_products=quantize_products,
         )
         self.quantizer_config: NIPQConfig = config
         self.target_bits = float(target_bits)
@@ -423,13 +437,14 @@ class NIPQCallback(QuantizationAwareTraining):
                 self.bit_budget.project(self._pairs())
                 self._projected_at = key
         share = self.schedule.hard_share(position, progress)
-        layers = self._layers
-        hard_count = self.schedule.hard_layer_count(share, len(layers))
+        # Layers in order, then the activation products' operands: they turn hard last.
+        units = [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers] + self._product_pairs
+        hard_count = self.schedule.hard_layer_count(share, len(units))
         blend = phase == "anneal"
         hard: set[int] = set()
-        for index, layer in enumerate(layers):
+        for index, unit in enumerate(units):
             mode = "hard" if index < hard_count else "noise"
-            for q in (layer.weight_quantizer, layer.input_quantizer):
+            for q in unit:
                 if q is None or (mode == "noise" and id(q) in hard):
                     continue  # a weight quantizer shared by tied layers is hard once the first of them is
                 q.mode = mode
@@ -487,8 +502,7 @@ class NIPQCallback(QuantizationAwareTraining):
     # ------------------------------------------------------------------ freezing
     def finalize_bits(self, pl_module: LightningModule) -> None:
         """Freeze learned bits at whole values that meet the budget (idempotent)."""
-        layers = [layer for _, layer in quantized_layers(pl_module)]  # walked afresh: works before setup too
-        pairs = [(layer.weight_quantizer, layer.input_quantizer) for layer in layers]
+        pairs = model_pairs(pl_module)  # walked afresh: works before setup too
         if not any(q is not None and q.learns_bits and q.calibrated for pair in pairs for q in pair):
             return
         with torch.no_grad():

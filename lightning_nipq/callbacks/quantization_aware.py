@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_nipq.callbacks.module_hooks import install_load_hook, remove_pending_seal, seal_when_saved, wrap_method
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
-from lightning_nipq.layers.attach import attach_quantizers, check_input_choice
-from lightning_nipq.layers.model_walk import check_patterns, quantized_layers, quantizers
+from lightning_nipq.layers.attach import attach_quantizers, check_input_choice, check_products_choice
+from lightning_nipq.layers.model_walk import check_patterns, product_quantizers, quantized_layers, quantized_products, quantizers
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.quant.methods import QuantizerFactory
 from lightning_nipq.quant.observers import RangeObserver
@@ -55,6 +55,8 @@ class QuantizationAwareTraining(Callback):
         calibration_percentile: percentile of ``|x|`` taken as the initial input range.
         log_per_layer: log each layer's bits and ranges on the steps the loggers write.
         quantize_inputs: ``False`` quantizes weights only (no input quantizer anywhere).
+        quantize_products: ``True`` also quantizes both operands of the activation products
+            inside attention (see `lightning_nipq.layers.attach_quantizers`).
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class QuantizationAwareTraining(Callback):
         calibration_percentile: float,
         log_per_layer: bool,
         quantize_inputs: bool = True,
+        quantize_products: bool = False,
     ) -> None:
         check_input_choice(quantize_inputs, float_input_layers)
+        check_products_choice(quantize_products, quantize_inputs)
         if not quantize_inputs and getattr(config, "input_zero_point", "off") != "off":
             raise ValueError(
                 "input_zero_point gives quantized inputs a zero point, but quantize_inputs=False quantizes no input; "
@@ -96,10 +100,12 @@ class QuantizationAwareTraining(Callback):
         self.calibration_percentile = float(calibration_percentile)
         self.log_per_layer = log_per_layer
         self.quantize_inputs = quantize_inputs
+        self.quantize_products = quantize_products
         #: ``(name, reason)`` of the layers left in float when the quantizers were attached.
         self.skipped: list[tuple[str, str]] = []
         self._named_layers: list[tuple[str, Any]] = []
         self._layers: list[Any] = []
+        self._product_pairs: list[tuple[None, BaseQuantizer]] = []
         self._observer: Optional[RangeObserver] = None
         self._calibrating: list[BaseQuantizer] = []
         #: Calibration statistics from a checkpoint written mid-calibration, restored at fit start.
@@ -116,6 +122,7 @@ class QuantizationAwareTraining(Callback):
             "method": self.quantizer_config.method,
             "weight_granularity": self.quantizer_config.weight_granularity,
             "quantize_inputs": self.quantize_inputs,
+            "quantize_products": self.quantize_products,
             "input_zero_point": getattr(self.quantizer_config, "input_zero_point", "off"),
         }
 
@@ -151,17 +158,23 @@ class QuantizationAwareTraining(Callback):
             self._adopt_quantizers(pl_module)
         else:
             result = attach_quantizers(
-                pl_module, self.quantizer_config, self.include, self.exclude, self.float_input_layers, self.quantize_inputs
+                pl_module,
+                self.quantizer_config,
+                self.include,
+                self.exclude,
+                self.float_input_layers,
+                self.quantize_inputs,
+                self.quantize_products,
             )
             self.skipped = result.skipped
             rank_zero_info(
                 f"{name}: quantizing {len(result.quantized)} layers (float input: "
                 + ("the layers fed the model's own input, seen on the first batch" if result.float_input_by_data_flow else str(result.float_input))
                 + ")"
+                + (f"; {len(result.products)} activation products" if result.products else "")
                 + (f"; left in float: {[n for n, _ in result.skipped]}" if result.skipped else "")
             )
-        self._named_layers = list(quantized_layers(pl_module))
-        self._layers = [layer for _, layer in self._named_layers]
+        self._walk_layers(pl_module)
         self._after_attach(trainer, pl_module)
 
     def _adopt_quantizers(self, pl_module: LightningModule) -> None:
@@ -171,7 +184,7 @@ class QuantizationAwareTraining(Callback):
             for name, layer in quantized_layers(pl_module)
             for role, q in (("weight", layer.weight_quantizer), ("input", layer.input_quantizer))
             if q is not None
-        ]
+        ] + [(name, "input", q) for name, product in quantized_products(pl_module) for q in product_quantizers(product)]
         problems = [f"{name}: {d}" for name, role, q in pairs if (d := self.quantizer_config.difference(q, role)) is not None]
         if not self.quantize_inputs:
             problems += [f"{name}: it quantizes its input, and quantize_inputs=False" for name, role, _ in pairs if role == "input"]
@@ -192,8 +205,7 @@ class QuantizationAwareTraining(Callback):
         # restored from ckpt_path before this hook; optimizer state is restored after it,
         # onto the groups split here. This callback's settings win over the restored ones.
         self._adopt_quantizers(pl_module)
-        self._named_layers = list(quantized_layers(pl_module))
-        self._layers = [layer for _, layer in self._named_layers]
+        self._walk_layers(pl_module)
         params = [p for _, q in quantizers(pl_module) for p in q.parameters()]
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for line in split_quantizer_params(trainer.optimizers, params, self.quantizer_lr_factor, schedulers):
@@ -317,8 +329,14 @@ class QuantizationAwareTraining(Callback):
         for q, (size, macs) in zip(found, counts.tolist()):
             q.size, q.macs = int(size), int(macs)
 
-    def _pairs(self) -> list[tuple[BaseQuantizer, Optional[BaseQuantizer]]]:
-        return [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers]
+    def _pairs(self) -> list[tuple[Optional[BaseQuantizer], Optional[BaseQuantizer]]]:
+        # Layers, then the operands of activation products (``(None, quantizer)``: inputs without a weight).
+        return [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers] + self._product_pairs
+
+    def _walk_layers(self, pl_module: LightningModule) -> None:
+        self._named_layers = list(quantized_layers(pl_module))
+        self._layers = [layer for _, layer in self._named_layers]
+        self._product_pairs = [(None, q) for _, product in quantized_products(pl_module) for q in product_quantizers(product)]
 
     def _log_bits(self, trainer: Trainer, pl_module: LightningModule) -> None:
         with torch.no_grad():

@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_nipq.layers.folded_batchnorm import folded_batchnorms
 from lightning_nipq.layers.layer_kinds import describe_layer
-from lightning_nipq.layers.model_walk import float_weight_numel, integer_layers, left_in_float
+from lightning_nipq.layers.model_walk import float_weight_numel, integer_layers, integer_products, left_in_float
 from lightning_nipq.layers.tied_weights import integer_ties
 from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.quant.granularity import granularity_name
@@ -41,6 +41,19 @@ class LayerReport:
 
 
 @dataclass
+class ProductReport:
+    """An integer activation product: the bits, range and elements of each operand."""
+
+    name: str
+    left_bits: int
+    right_bits: int
+    left_alpha: float
+    right_alpha: float
+    left_numel: int
+    right_numel: int
+
+
+@dataclass
 class QuantizationReport:
     """What `lightning_nipq.hard_quantize` produced, with its validation figures."""
 
@@ -64,6 +77,8 @@ class QuantizationReport:
     batchnorms_kept: list[tuple[str, str]] = field(default_factory=list)
     #: Elements of the matrix-like parameters of the layers left in float (those of `skipped`), each once.
     float_weight_numel: int = 0
+    #: The integer activation products (attention's ``Q @ K^T`` and ``weights @ V``, with ``quantize_products=True``).
+    products: list[ProductReport] = field(default_factory=list)
 
     @property
     def _stored(self) -> list[LayerReport]:
@@ -93,11 +108,15 @@ class QuantizationReport:
 
     @property
     def avg_act_bits(self) -> Optional[float]:
-        rows = [r for r in self.layers if r.input_bits is not None and r.input_numel > 0]
-        if not rows:
+        """The element-weighted mean bits of the quantized inputs: the layers' and the activation products' operands."""
+        counted = [(r.input_bits, r.input_numel) for r in self.layers if r.input_bits is not None and r.input_numel > 0]
+        for p in self.products:
+            counted += [(p.left_bits, p.left_numel), (p.right_bits, p.right_numel)]
+        counted = [(bits, numel) for bits, numel in counted if numel > 0]
+        if not counted:
             return None
-        total = sum(r.input_numel for r in rows)
-        return sum(r.input_bits * r.input_numel for r in rows) / total  # type: ignore[operator]
+        total = sum(numel for _, numel in counted)
+        return sum(bits * numel for bits, numel in counted) / total  # type: ignore[operator]
 
     @property
     def float32_bytes(self) -> int:
@@ -114,7 +133,7 @@ class QuantizationReport:
         """Quantized weights at their bit-width, their float32 steps and input ranges, and every other parameter in float32."""
         weight_bits = sum(r.weight_bits * r.weight_numel for r in self._stored)
         other = self.total_params - self.quantized_weight_numel
-        steps = sum(r.weight_ranges * (r.tied_to is None) + (r.input_bits is not None) for r in self.layers)
+        steps = sum(r.weight_ranges * (r.tied_to is None) + (r.input_bits is not None) for r in self.layers) + 2 * len(self.products)
         return weight_bits / 8 + 4 * (other + steps)
 
     def table(self) -> str:
@@ -166,6 +185,7 @@ class QuantizationReport:
                 "integer model validation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.integer_metrics.items()))
             )
         lines += tied_lines(self)
+        lines += product_lines(self)
         lines.append(coverage_line(self))
         if self.skipped:
             lines.append("left in float:")
@@ -184,6 +204,14 @@ def coverage_line(report: QuantizationReport) -> str:
         f"coverage {100 * report.coverage:.2f}%: {quantized:,} of the {quantized + report.float_weight_numel:,} weights of "
         f"weight-bearing layers quantized; {len(report.skipped)} layer(s) left in float"
     )
+
+
+def product_lines(report: QuantizationReport) -> list[str]:
+    """The integer activation products and their operands' bits, for the text and rich reports."""
+    if not report.products:
+        return []
+    shown = ", ".join(f"{p.name} ({p.left_bits} x {p.right_bits} bits)" for p in report.products)
+    return [f"activation products multiplied as integers (left x right operand bits): {shown}"]
 
 
 def tied_lines(report: QuantizationReport) -> list[str]:
@@ -244,10 +272,17 @@ def integer_model_report(model: nn.Module) -> QuantizationReport:
         )
     total = sum(p.numel() for p in model.parameters()) + sum(r.weight_numel for r in rows if r.tied_to is None)
     folded = {names[0]: module.into for names, module in folded_batchnorms(model)}
+    products = []
+    for name, product in integer_products(model):
+        left, right = product.sides()
+        products.append(
+            ProductReport(name, left.bits, right.bits, float(left.alpha), float(right.alpha), left.numel, right.numel)
+        )
     return QuantizationReport(
         layers=rows,
         skipped=left_in_float(model),
         total_params=total,
         folded_batchnorms=folded,
         float_weight_numel=float_weight_numel(model),
+        products=products,
     )

@@ -15,6 +15,7 @@ from lightning_nipq.convert.report import (
     batchnorm_lines,
     coverage_line,
     input_alpha_label,
+    product_lines,
     ranges_label,
     tied_lines,
 )
@@ -55,6 +56,7 @@ def _caption_lines(report: QuantizationReport) -> list[str]:
     if report.integer_metrics:
         lines.append("integer model: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.integer_metrics.items())))
     lines += tied_lines(report)
+    lines += product_lines(report)
     lines.append(coverage_line(report))
     if report.skipped:
         lines.append("left in float: " + "; ".join(f"{name} ({reason})" for name, reason in report.skipped))

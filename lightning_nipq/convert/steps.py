@@ -24,11 +24,12 @@ from lightning_nipq.convert.batchnorm_folding import apply_folds, check_fold_bat
 from lightning_nipq.convert.comparison import check_report, check_tolerances, compare_outputs, typical_rel_diff
 from lightning_nipq.convert.layer_check import layer_rel_diffs, record_layers
 from lightning_nipq.convert.report import QuantizationReport, integer_model_report
+from lightning_nipq.layers.activation_products import product_to_integer
 from lightning_nipq.layers.folded_batchnorm import batchnorm_eval
 from lightning_nipq.layers.forms import integer_arithmetic
 from lightning_nipq.layers.layer_kinds import kind_of
 from lightning_nipq.layers.model_calls import InputFn, call_model, first_tensor
-from lightning_nipq.layers.model_walk import batchnorm_layers, quantized_layers, quantizers
+from lightning_nipq.layers.model_walk import batchnorm_layers, product_quantizers, quantized_layers, quantized_products, quantizers
 from lightning_nipq.layers.restore_point import restore_point
 from lightning_nipq.layers.tied_weights import tie_integer_layers, tied_groups
 
@@ -121,6 +122,10 @@ def _convert(
         for name, layer in layers
         if layer.input_quantizer is not None and not layer.input_quantizer.calibrated and not layer.input_quantizer.stays_float
     ]
+    products = list(quantized_products(model))
+    uncalibrated += [
+        name for name, product in products if not all(q.calibrated for q in product_quantizers(product))
+    ]
     if uncalibrated:
         raise ValueError(
             f"input quantizers of {uncalibrated[:5]} were never calibrated; train (or call "
@@ -136,6 +141,8 @@ def _convert(
             kind = kind_of(layer)
             assert kind is not None
             kind.to_integer(layer)
+        for _, product in products:
+            product_to_integer(product)
         for group in ties:
             tie_integer_layers([layer for _, layer in group])
         folded, problems = apply_folds(model, plan.pairs) if plan is not None else ({}, [])

@@ -2,6 +2,11 @@
 forms, walking a model, attaching quantizers, calibration and post-training quantization. Plain torch
 (transformers' ``Conv1D`` kind is registered, and transformers imported, only for a model that holds one)."""
 
+from lightning_nipq.layers.activation_products import (
+    ActivationProduct,
+    IntegerActivationProduct,
+    QuantizedActivationProduct,
+)
 from lightning_nipq.layers.attach import AttachResult, attach_quantizers, detach_quantizers
 from lightning_nipq.layers.attention import SplitMultiheadAttention, split_attention
 from lightning_nipq.layers.calibration import calibrate_activations
@@ -23,16 +28,26 @@ from lightning_nipq.layers.layer_kinds import (
 )
 from lightning_nipq.layers.learned_tensors import LearnedTensor
 from lightning_nipq.layers.model_calls import call_model, default_input_fn, first_tensor
-from lightning_nipq.layers.model_walk import integer_layers, plan_layers, quantized_layers, quantizers
+from lightning_nipq.layers.model_walk import (
+    integer_layers,
+    integer_products,
+    plan_layers,
+    quantized_layers,
+    quantized_products,
+    quantizers,
+)
 from lightning_nipq.layers.post_training import post_training_quantize
 
 __all__ = [
+    "ActivationProduct",
     "AttachResult",
     "FoldedBatchNorm",
+    "IntegerActivationProduct",
     "IntegerLayerMixin",
     "LAYER_KINDS",
     "LayerKind",
     "LearnedTensor",
+    "QuantizedActivationProduct",
     "QuantizedLayerMixin",
     "SplitMultiheadAttention",
     "attach_quantizers",
@@ -44,12 +59,14 @@ __all__ = [
     "first_tensor",
     "integer_arithmetic",
     "integer_layers",
+    "integer_products",
     "is_integer",
     "is_quantized",
     "kind_of",
     "plan_layers",
     "post_training_quantize",
     "quantized_layers",
+    "quantized_products",
     "quantizers",
     "register_layer_kind",
     "split_attention",

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import nn
 
-from lightning_nipq.layers.attention import PROJECTIONS, SplitMultiheadAttention, attention_modules, split_attention_undoably
-from lightning_nipq.layers.forms import is_integer, is_quantized
+from lightning_nipq.layers.activation_products import (
+    SIDES,
+    ActivationProduct,
+    empty_integer_product,
+    install_product_quantizers,
+    is_product,
+    product_to_float,
+    quantize_product,
+)
+from lightning_nipq.layers.attention import (
+    PRODUCTS,
+    PROJECTIONS,
+    SplitMultiheadAttention,
+    attention_modules,
+    split_attention_undoably,
+)
+from lightning_nipq.layers.forms import check_saved_quantizer, is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import kind_of, supported_names
 from lightning_nipq.layers.model_walk import check_patterns, matches, named_layers, plan_layers
 from lightning_nipq.layers.tensor_lifting import (
@@ -34,6 +49,8 @@ class AttachResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: Whether calibration decides which inputs stay float (those fed the model's own input).
     float_input_by_data_flow: bool = False
+    #: The activation products quantized on both operands (``quantize_products=True``).
+    products: list[str] = field(default_factory=list)
 
 
 def attach_quantizers(
@@ -43,6 +60,7 @@ def attach_quantizers(
     exclude: Optional[Sequence[str]] = None,
     float_input_layers: Optional[Sequence[str]] = None,
     quantize_inputs: bool = True,
+    quantize_products: bool = False,
 ) -> AttachResult:
     """Quantize the weight and input of every supported layer of ``model``, in place.
 
@@ -59,6 +77,14 @@ def attach_quantizers(
     layer fed by an embedding or any other layer is quantized. ``quantize_inputs=False``
     quantizes weights only: no layer gets an input quantizer.
 
+    ``quantize_products=True`` also quantizes both operands of the activation-by-activation
+    products inside attention (``Q @ K^T`` and ``weights @ V``), for all-integer attention:
+    every split ``nn.MultiheadAttention`` computes them through two
+    `lightning_nipq.layers.ActivationProduct` modules (``<attention>.score_product`` and
+    ``<attention>.value_product``), and every `ActivationProduct` of the model (one a model
+    of your own calls) gets an input quantizer on each operand, selected by include/exclude
+    like a layer. Their bits count in the input budget.
+
     Every layer's ranges are sized (``config.weight_granularity``) before any layer changes:
     a granularity that does not fit some layer raises a `ValueError` naming it, with the model
     untouched.
@@ -66,26 +92,75 @@ def attach_quantizers(
     config = config or NIPQConfig()
     float_input_layers = check_patterns("float_input_layers", float_input_layers)
     check_input_choice(quantize_inputs, float_input_layers)
+    check_products_choice(quantize_products, quantize_inputs)
     include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)
-    undo_split = split_attention_undoably(model, _attention_to_quantize(model, include, exclude))
+    undo_split = split_attention_undoably(model, _attention_to_quantize(model, include, exclude, quantize_products))
+    undo_products = _add_products_undoably(model, include, exclude) if quantize_products else (lambda: None)
     undo_lift = lift_learned_tensors_undoably(model, _tensors_to_quantize(model, config, include, exclude))
     try:
         result = _attach(model, config, include, exclude, float_input_layers, quantize_inputs)
+        if quantize_products:
+            for name, product in _products_to_quantize(model, include, exclude):
+                quantize_product(product, config)
+                result.products.append(name)
     except BaseException:
         undo_lift()  # the model is left as it was
+        undo_products()
         undo_split()
         raise
     disable_transformer_fast_path(model)
     return result
 
 
-def _attention_to_quantize(model: nn.Module, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> list[str]:
-    """The ``nn.MultiheadAttention`` modules to split: those with a projection that include/exclude select."""
-
+def _selector(include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> Callable[[str], bool]:
     def selected(name: str) -> bool:
         return (include is None or matches(name, include)) and not matches(name, exclude or [])
 
-    return [name for name in attention_modules(model) if name and any(selected(f"{name}.{p}") for p in PROJECTIONS)]
+    return selected
+
+
+def _attention_to_quantize(
+    model: nn.Module, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]], products: bool = False
+) -> list[str]:
+    """The ``nn.MultiheadAttention`` modules to split: those with a projection (or, with ``products``, a product) that include/exclude select."""
+    selected = _selector(include, exclude)
+    parts = PROJECTIONS + (PRODUCTS if products else ())
+    return [name for name in attention_modules(model) if name and any(selected(f"{name}.{p}") for p in parts)]
+
+
+def _add_products_undoably(model: nn.Module, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> Callable[[], None]:
+    """Give every split attention whose products include/exclude select its two products; returns the undo."""
+    selected = _selector(include, exclude)
+    added = []
+    for names, attention in named_layers(model, lambda m: isinstance(m, SplitMultiheadAttention)):
+        if attention.products() is None and any(selected(f"{names[0]}.{p}") for p in PRODUCTS):
+            attention.add_products()
+            added.append(attention)
+
+    def undo() -> None:
+        for attention in added:
+            attention.remove_products()
+
+    return undo
+
+
+def _products_to_quantize(
+    model: nn.Module, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]
+) -> list[tuple[str, nn.Module]]:
+    """The float activation products to quantize: those include/exclude select by name."""
+    selected = _selector(include, exclude)
+    return [(names[0], m) for names, m in named_layers(model, lambda m: type(m) is ActivationProduct) if selected(names[0])]
+
+
+def check_products_choice(quantize_products: Any, quantize_inputs: bool) -> None:
+    """Raise a `ValueError` unless ``quantize_products`` is a bool that ``quantize_inputs`` does not contradict."""
+    if not isinstance(quantize_products, bool):
+        raise ValueError(f"quantize_products must be True or False, got {quantize_products!r}")
+    if quantize_products and not quantize_inputs:
+        raise ValueError(
+            "quantize_products=True quantizes the activations multiplied inside attention, but quantize_inputs=False "
+            "leaves every activation float (weights only); pass one or the other"
+        )
 
 
 def _tensors_to_quantize(
@@ -205,4 +280,69 @@ def detach_quantizers(model: nn.Module) -> None:
         assert kind is not None
         kind.to_float(layer, dequantize=True)
     share_weight_parameters([[layer for _, layer in group] for group in ties])
+    for _, product in named_layers(model, is_product):
+        product_to_float(product)
+    for _, attention in named_layers(model, lambda m: isinstance(m, SplitMultiheadAttention)):
+        attention.remove_products()  # the split attention's own products: torch's kernels again
     lower_learned_tensors(model)  # learned tensors become their modules' parameters again
+
+
+#: The key suffixes that tell a saved activation product's form: its left operand's quantizer, or its integer settings.
+_SAVED_PRODUCT_FORMS = ((".left_quantizer._extra_state", "fake"), (".settings", "integer"))
+
+
+def give_saved_products_undoably(model: nn.Module, state_dict: Mapping[str, Any]) -> Callable[[], None]:
+    """Give ``model`` the activation products ``state_dict`` holds, each in its saved form; returns the undo.
+
+    A split attention whose products the state dict holds (keys under
+    ``<attention>.score_product.``) gets its two products first. Then every `ActivationProduct`
+    of the model takes the saved form: fake-quantized with quantizers rebuilt from their saved
+    settings, integer with placeholder state (the load fills it), or float where the state
+    dict holds none. The saved quantizers are all rebuilt and checked before any product changes.
+
+    Raises:
+        ValueError: a saved product quantizer's state is invalid (the model is unchanged then).
+    """
+    keys = list(state_dict)
+    added = []
+    for names, attention in named_layers(model, lambda m: isinstance(m, SplitMultiheadAttention)):
+        prefixes = tuple(f"{n}.{p}." for n in names for p in PRODUCTS)
+        if attention.products() is None and any(k.startswith(prefixes) for k in keys):
+            attention.add_products()
+            added.append(attention)
+    try:
+        plan: list[tuple[nn.Module, Optional[str], Any]] = []
+        for names, product in named_layers(model, is_product):
+            form = next(
+                (form for suffix, form in _SAVED_PRODUCT_FORMS for n in names if f"{n}{suffix}" in state_dict),
+                None,
+            )
+            built = None
+            if form == "fake":
+                prefix = next(f"{n}." for n in names if f"{n}.left_quantizer._extra_state" in state_dict)
+                built = tuple(check_saved_quantizer(state_dict, f"{prefix}{side}_quantizer.", role="input") for side in SIDES)
+                if any(q is None for q in built):
+                    raise ValueError(f"{prefix}right_quantizer._extra_state is missing: the product's two operands are saved together")
+            plan.append((product, form, built))
+    except BaseException:
+        for attention in added:
+            attention.remove_products()
+        raise
+    before = [(product, type(product), dict(product.__dict__)) for product, _, _ in plan]
+    for product, form, built in plan:
+        if type(product) is not ActivationProduct:
+            product_to_float(product)
+        if form == "fake":
+            install_product_quantizers(product, *built)
+        elif form == "integer":
+            empty_integer_product(product)
+
+    def undo() -> None:
+        for product, cls, attributes in before:
+            product.__dict__.clear()
+            product.__dict__.update(attributes)
+            product.__class__ = cls
+        for attention in added:
+            attention.remove_products()
+
+    return undo

@@ -32,9 +32,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_nipq.layers.activation_products import ActivationProduct
+
 #: The projections of a `SplitMultiheadAttention`, in the order of the packed weight's rows.
 INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 PROJECTIONS = (*INPUT_PROJECTIONS, "out_proj")
+#: The activation products a `SplitMultiheadAttention` may compute through (`SplitMultiheadAttention.add_products`).
+PRODUCTS = ("score_product", "value_product")
 
 
 def _additive_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
@@ -212,6 +216,29 @@ class SplitMultiheadAttention(nn.MultiheadAttention):
         error_msgs.extend(separate_projection_keys(state_dict, prefix))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
+    # ------------------------------------------------------------------ activation products
+    def add_products(self) -> None:
+        """Compute the scores and the weighted values through two `ActivationProduct` modules, ``score_product`` and ``value_product``.
+
+        Their operands are the scaled queries and the keys, then the attention weights (after
+        dropout) and the values; `attach_quantizers(..., quantize_products=True)` quantizes
+        them. The explicit softmax path is taken then (torch's fused attention kernel would
+        multiply float operands).
+        """
+        for name in PRODUCTS:
+            if name not in self._modules:
+                setattr(self, name, ActivationProduct())
+
+    def remove_products(self) -> None:
+        """Take the two products out again (float maths through torch's kernels)."""
+        for name in PRODUCTS:
+            self._modules.pop(name, None)
+
+    def products(self) -> Optional[tuple[nn.Module, nn.Module]]:
+        """``(score_product, value_product)``, or None if the attention has none."""
+        found = [self._modules.get(name) for name in PRODUCTS]
+        return None if found[0] is None or found[1] is None else (found[0], found[1])
+
     # ------------------------------------------------------------------ forward
     def forward(  # type: ignore[override]
         self,
@@ -243,7 +270,9 @@ class SplitMultiheadAttention(nn.MultiheadAttention):
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
                 "`generate_square_subsequent_mask` to create this mask."
             )
-        if is_causal and key_padding_mask is None and not need_weights:
+        products = self.products()
+        causal_kernel = is_causal and key_padding_mask is None and not need_weights
+        if causal_kernel:
             attn_mask = None  # scaled_dot_product_attention builds the causal mask itself
         else:
             attn_mask = _additive_mask(attn_mask, "attn_mask", dtype)
@@ -291,16 +320,20 @@ class SplitMultiheadAttention(nn.MultiheadAttention):
             attn_mask = padding if attn_mask is None else attn_mask + padding
         dropout_p = self.dropout if self.training else 0.0
 
-        if need_weights:
-            scores = torch.bmm(q * math.sqrt(1.0 / head_dim), k.transpose(-2, -1))
+        if need_weights or products is not None:
+            score_product, value_product = products if products is not None else (torch.bmm, torch.bmm)
+            if causal_kernel:
+                # The mask torch's kernel builds for the hint (aligned top left, after bias_k and the zero key).
+                attn_mask = _additive_mask(torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).tril().logical_not(), "", dtype)
+            scores = score_product(q * math.sqrt(1.0 / head_dim), k.transpose(-2, -1))
             if attn_mask is not None:
                 scores = scores + attn_mask
             weights = torch.softmax(scores, dim=-1)
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
-            out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * batch, embed_dim)
-            attn_weights: Optional[Tensor] = weights.view(batch, heads, tgt_len, src_len)
-            if average_attn_weights:
+            out = value_product(weights, v).transpose(0, 1).reshape(tgt_len * batch, embed_dim)
+            attn_weights: Optional[Tensor] = weights.view(batch, heads, tgt_len, src_len) if need_weights else None
+            if attn_weights is not None and average_attn_weights:
                 attn_weights = attn_weights.mean(dim=1)  # type: ignore[union-attr]
         else:
             if attn_mask is not None:
@@ -344,7 +377,7 @@ def attention_in_state(model: nn.Module, keys: Iterable[str]) -> list[str]:
 
     A split attention saves its float weights under torch's keys, so only quantizer or
     integer entries under a projection, or any entry under ``q_proj``, ``k_proj`` or ``v_proj``,
-    tell it apart.
+    tell it apart, as do the entries of its activation products.
     """
     keys = list(keys)
     found = []
@@ -353,7 +386,8 @@ def attention_in_state(model: nn.Module, keys: Iterable[str]) -> list[str]:
             continue
         inputs = tuple(f"{name}.{p}." for p in INPUT_PROJECTIONS)
         plain_out = (f"{name}.out_proj.weight", f"{name}.out_proj.bias")
-        if any(k.startswith(inputs) or (k.startswith(f"{name}.out_proj.") and k not in plain_out) for k in keys):
+        products = tuple(f"{name}.{p}." for p in PRODUCTS)
+        if any(k.startswith(inputs + products) or (k.startswith(f"{name}.out_proj.") and k not in plain_out) for k in keys):
             found.append(name)
     return found
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch import nn
 
+from lightning_nipq.layers.activation_products import SIDES, is_integer_product, is_quantized_product
 from lightning_nipq.layers.attention import SplitMultiheadAttention
 from lightning_nipq.layers.forms import is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import LAYER_KINDS, kind_of, supported_names
@@ -40,8 +41,25 @@ def integer_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield names[0], layer
 
 
+def quantized_products(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, product)`` for every fake-quantized activation product, each once, in registration order."""
+    for names, product in named_layers(model, is_quantized_product):
+        yield names[0], product
+
+
+def integer_products(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, product)`` for every integer activation product, each once, in registration order."""
+    for names, product in named_layers(model, is_integer_product):
+        yield names[0], product
+
+
+def product_quantizers(product: nn.Module) -> tuple[BaseQuantizer, BaseQuantizer]:
+    """A fake-quantized product's ``(left, right)`` operand quantizers."""
+    return product.left_quantizer, product.right_quantizer
+
+
 def quantizers(model: nn.Module) -> Iterator[tuple[str, BaseQuantizer]]:
-    """``(name, quantizer)`` for every quantizer, each once, weights before inputs within a layer.
+    """``(name, quantizer)`` for every quantizer, each once: the layers' (weights before inputs within a layer), then the activation products' (left before right).
 
     Layers with one weight (tied, see `lightning_nipq.layers.tied_weights`) share one weight
     quantizer: it is listed once, under the first layer's name.
@@ -52,6 +70,9 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, BaseQuantizer]]:
             if quantizer is not None and id(quantizer) not in seen:
                 seen.add(id(quantizer))
                 yield f"{name}.{role}_quantizer", quantizer
+    for name, product in quantized_products(model):
+        for side, quantizer in zip(SIDES, product_quantizers(product)):
+            yield f"{name}.{side}_quantizer", quantizer
 
 
 def _tracks_statistics(module: nn.Module) -> bool:
@@ -69,7 +90,7 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def require_integer_model(model: nn.Module, action: str, error: type[Exception] = ValueError) -> None:
     """Raise ``error`` unless ``model`` holds integer layers and no fake quantizer (before ``action``)."""
-    fake = [name for name, _ in quantized_layers(model)]
+    fake = [name for name, _ in quantized_layers(model)] + [name for name, _ in quantized_products(model)]
     if fake:
         raise error(f"{fake[:5]} still hold fake quantizers; call hard_quantize(model) before {action}")
     if not any(True for _ in integer_layers(model)):

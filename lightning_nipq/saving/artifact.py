@@ -58,7 +58,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.layers.attach import disable_transformer_fast_path
+from lightning_nipq.layers.attach import disable_transformer_fast_path, give_saved_products_undoably
 from lightning_nipq.layers.attention import attention_in_state, separate_all_projection_keys, split_attention_undoably
 from lightning_nipq.layers.folded_batchnorm import (
     FOLDABLE_TYPES,
@@ -891,8 +891,11 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     undo_split = split_attention_undoably(model, attention_in_state(model, saved_keys))
     # So are the learned tensors stored as layers of their own.
     undo_lift = lift_learned_tensors_undoably(model, lifted_in_state(model, saved_keys))
+    # And the activation products stored in integer form (their two buffers are ordinary tensors of the file).
+    undo_products = give_saved_products_undoably(model, {model_key(names, k): v for k, v in tensors.items()})
     problems = _architecture_problems(manifest, tensors, model)
     if problems:
+        undo_products()
         undo_lift()
         undo_split()
         raise ArtifactError(
@@ -945,6 +948,7 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
         model.load_state_dict(model_keys(model, full_state), strict=True)
     except BaseException as e:
         restore()
+        undo_products()
         undo_lift()
         undo_split()
         if isinstance(e, Exception) and not isinstance(e, ArtifactError):

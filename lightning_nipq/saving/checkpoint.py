@@ -37,7 +37,7 @@ from typing import Any, Mapping, Optional, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.layers.attach import disable_transformer_fast_path
+from lightning_nipq.layers.attach import disable_transformer_fast_path, give_saved_products_undoably
 from lightning_nipq.layers.attention import attention_in_state, split_attention_undoably
 from lightning_nipq.layers.folded_batchnorm import (
     FoldedBatchNorm,
@@ -263,8 +263,16 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> d
     # So are the learned tensors it holds as layers of their own (keys under ``<module>.<tensor>.``).
     undo_lift = lift_learned_tensors_undoably(model, lifted_in_state(model, state_dict))
     try:
+        # And the activation products it holds, each in its saved form.
+        undo_products = give_saved_products_undoably(model, state_dict)
+    except ValueError as e:
+        undo_lift()
+        undo_split()
+        raise CheckpointMismatchError(f"{e}. {DAMAGED_STATE_FIX}") from e
+    try:
         _prepare(model, state_dict, built)
     except BaseException:
+        undo_products()
         undo_lift()
         undo_split()
         raise

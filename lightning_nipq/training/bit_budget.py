@@ -30,18 +30,30 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_nipq.layers.model_walk import quantized_layers
+from lightning_nipq.layers.model_walk import product_quantizers, quantized_layers, quantized_products
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.training.bit_sensitivity import loss_increase
 
 BUDGETS: tuple[str, ...] = ("avg_bits", "bops")
 FLOAT_BITS = 32.0
-#: A layer's ``(weight quantizer, input quantizer or None)``.
-Pair = tuple[BaseQuantizer, Optional[BaseQuantizer]]
+#: A layer's ``(weight quantizer, input quantizer or None)``; an activation product's operand is ``(None, quantizer)``.
+Pair = tuple[Optional[BaseQuantizer], Optional[BaseQuantizer]]
 
 
-def _layer_quantizers(model: nn.Module) -> list[Pair]:
-    return [(layer.weight_quantizer, layer.input_quantizer) for _, layer in quantized_layers(model)]
+def model_pairs(model: nn.Module) -> list[Pair]:
+    """The pairs of ``model``: ``(weight, input)`` of every quantized layer, then ``(None, operand)`` for each operand of its activation products.
+
+    An operand of a product is an input like a layer's, so it counts in the average input
+    bits; having no weight, it has no BOPs of a layer (``"bops"`` counts layers only).
+    """
+    pairs: list[Pair] = [(layer.weight_quantizer, layer.input_quantizer) for _, layer in quantized_layers(model)]
+    for _, product in quantized_products(model):
+        pairs += [(None, q) for q in product_quantizers(product)]
+    return pairs
+
+
+def _weights(pairs: Sequence[Pair]) -> list[BaseQuantizer]:
+    return [w for w, _ in pairs if w is not None]
 
 
 def unique(quantizers: Sequence[BaseQuantizer]) -> list[BaseQuantizer]:
@@ -65,6 +77,8 @@ def merged_pairs(pairs: Sequence[Pair]) -> list[Pair]:
     """
     merged: dict[int, Pair] = {}
     for w, a in pairs:
+        if w is None:
+            continue  # an activation product's operand: no weight, no BOPs of a layer
         if id(w) not in merged or (merged[id(w)][1] is None and a is not None):
             merged[id(w)] = (w, a)
     return list(merged.values())
@@ -84,14 +98,14 @@ def average_bits(quantizers: Sequence[BaseQuantizer]) -> Optional[Tensor]:
 
 def weight_and_act_average_bits(model: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """``(avg weight bits, avg input bits)`` of a fake-quantized model; calibrated inputs only."""
-    return pair_average_bits(_layer_quantizers(model))
+    return pair_average_bits(model_pairs(model))
 
 
 def pair_average_bits(
     pairs: Sequence[Pair],
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """As `weight_and_act_average_bits`, for ``(weight quantizer, input quantizer)`` pairs."""
-    weights = [w for w, _ in pairs]
+    weights = _weights(pairs)
     inputs = [a for _, a in pairs if a is not None and a.calibrated]
     return average_bits(weights), average_bits(inputs)
 
@@ -112,15 +126,16 @@ class BitBudget:
 
     def loss(self, model: nn.Module) -> Tensor:
         """The penalty for the model's current bits; zero (with no graph) if no bit is learnable."""
-        return self.loss_of(_layer_quantizers(model))
+        return self.loss_of(model_pairs(model))
 
     def loss_of(self, pairs: Sequence[Pair]) -> Tensor:
         """The penalty for ``(weight quantizer, input quantizer or None)`` pairs, one per layer."""
-        device = pairs[0][0].alpha.device if pairs else torch.device("cpu")
+        first = next((q for pair in pairs for q in pair if q is not None), None)
+        device = first.alpha.device if first is not None else torch.device("cpu")
         if self.budget == "bops":
             return self._bops_loss(pairs, device)
         total = torch.zeros((), device=device)
-        weights = [w for w, _ in pairs]
+        weights = _weights(pairs)
         inputs = [a for _, a in pairs if a is not None and a.calibrated]
         for group, target in ((weights, self.target_bits), (inputs, self.target_act_bits)):
             if not any(q.learns_bits for q in group):
@@ -141,7 +156,7 @@ class BitBudget:
         """
         if self.budget == "bops":
             return fit_bops_to_budget(pairs, self.target_bits, float(self.target_act_bits), fill, costs)  # type: ignore[arg-type]
-        weights = [w for w, _ in pairs]
+        weights = _weights(pairs)
         inputs = [a for _, a in pairs if a is not None and a.calibrated]
         return {
             **fit_bits_to_budget(weights, self.target_bits, fill, costs),
@@ -164,7 +179,7 @@ class BitBudget:
                 target += w.macs / macs * self.target_bits * act_target
             return [("BOPs per MAC", learned, target)]
         rows = []
-        weights = [w for w, _ in pairs]
+        weights = _weights(pairs)
         inputs = [a for _, a in pairs if a is not None and not a.stays_float]  # a float input has no bits
         for label, group, target_value in (
             ("average weight bits", weights, self.target_bits),
@@ -196,7 +211,7 @@ class BitBudget:
         if self.budget == "bops":
             self._project_bops(pairs)
             return
-        weights = [w for w, _ in pairs]
+        weights = _weights(pairs)
         inputs = [a for _, a in pairs if a is not None and a.calibrated]
         for group, target in ((weights, self.target_bits), (inputs, float(self.target_act_bits))):  # type: ignore[arg-type]
             sized = [q for q in unique(group) if q.size > 0]
