@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -128,18 +130,64 @@ def _attention_to_quantize(
     return [name for name in attention_modules(model) if name and any(selected(f"{name}.{p}") for p in parts)]
 
 
+#: The module that computes transformers' attention through products (it imports transformers: loaded on first use).
+_TRANSFORMERS_ATTENTION = "lightning_nipq.layers.transformers_attention"
+
+
+def _dispatches_transformers_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers attention module that looks its attention function up by name (BERT, GPT-2, ViT...)."""
+    cls = type(module)
+    forward = getattr(cls, "forward", None)
+    # transformers wraps some forwards in decorators (deprecated arguments): read the function they wrap.
+    code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None
+    return (
+        cls.__module__.startswith("transformers.")
+        and hasattr(module, "config")
+        and code is not None
+        and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+    )
+
+
+def product_holders(model: nn.Module) -> list[tuple[list[str], nn.Module]]:
+    """``([name, *aliases], module)`` of every attention module that can compute its products through `ActivationProduct` children.
+
+    A split ``nn.MultiheadAttention``, and a transformers attention module whose attention
+    function is looked up by name (`lightning_nipq.layers.transformers_attention`).
+    """
+    return named_layers(model, lambda m: isinstance(m, SplitMultiheadAttention) or _dispatches_transformers_attention(m))
+
+
+def _holds_products(module: nn.Module) -> bool:
+    return all(name in module._modules for name in PRODUCTS)
+
+
+def _add_products(module: nn.Module) -> None:
+    if isinstance(module, SplitMultiheadAttention):
+        module.add_products()
+    else:
+        # The model's class is imported already, and with it transformers: importing the module costs nothing more.
+        importlib.import_module(_TRANSFORMERS_ATTENTION).use_products(module)
+
+
+def _remove_products(module: nn.Module) -> None:
+    if isinstance(module, SplitMultiheadAttention):
+        module.remove_products()
+    else:
+        importlib.import_module(_TRANSFORMERS_ATTENTION).drop_products(module)
+
+
 def _add_products_undoably(model: nn.Module, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> Callable[[], None]:
-    """Give every split attention whose products include/exclude select its two products; returns the undo."""
+    """Give every attention module whose products include/exclude select its two products; returns the undo."""
     selected = _selector(include, exclude)
     added = []
-    for names, attention in named_layers(model, lambda m: isinstance(m, SplitMultiheadAttention)):
-        if attention.products() is None and any(selected(f"{names[0]}.{p}") for p in PRODUCTS):
-            attention.add_products()
+    for names, attention in product_holders(model):
+        if not _holds_products(attention) and any(selected(f"{names[0]}.{p}") for p in PRODUCTS):
+            _add_products(attention)
             added.append(attention)
 
     def undo() -> None:
         for attention in added:
-            attention.remove_products()
+            _remove_products(attention)
 
     return undo
 
@@ -282,8 +330,9 @@ def detach_quantizers(model: nn.Module) -> None:
     share_weight_parameters([[layer for _, layer in group] for group in ties])
     for _, product in named_layers(model, is_product):
         product_to_float(product)
-    for _, attention in named_layers(model, lambda m: isinstance(m, SplitMultiheadAttention)):
-        attention.remove_products()  # the split attention's own products: torch's kernels again
+    for _, attention in product_holders(model):
+        if _holds_products(attention):
+            _remove_products(attention)  # the attention's own products: torch's or transformers' kernels again
     lower_learned_tensors(model)  # learned tensors become their modules' parameters again
 
 
@@ -305,10 +354,10 @@ def give_saved_products_undoably(model: nn.Module, state_dict: Mapping[str, Any]
     """
     keys = list(state_dict)
     added = []
-    for names, attention in named_layers(model, lambda m: isinstance(m, SplitMultiheadAttention)):
+    for names, attention in product_holders(model):
         prefixes = tuple(f"{n}.{p}." for n in names for p in PRODUCTS)
-        if attention.products() is None and any(k.startswith(prefixes) for k in keys):
-            attention.add_products()
+        if not _holds_products(attention) and any(k.startswith(prefixes) for k in keys):
+            _add_products(attention)
             added.append(attention)
     try:
         plan: list[tuple[nn.Module, Optional[str], Any]] = []
@@ -326,7 +375,7 @@ def give_saved_products_undoably(model: nn.Module, state_dict: Mapping[str, Any]
             plan.append((product, form, built))
     except BaseException:
         for attention in added:
-            attention.remove_products()
+            _remove_products(attention)
         raise
     before = [(product, type(product), dict(product.__dict__)) for product, _, _ in plan]
     for product, form, built in plan:
@@ -343,6 +392,6 @@ def give_saved_products_undoably(model: nn.Module, state_dict: Mapping[str, Any]
             product.__dict__.update(attributes)
             product.__class__ = cls
         for attention in added:
-            attention.remove_products()
+            _remove_products(attention)
 
     return undo

@@ -6,7 +6,8 @@ See that module for why. The lifted module's class is swapped in place for a cac
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from torch import Tensor, nn
 
@@ -56,9 +57,11 @@ def lifted_name(module_name: str, parameter: str) -> str:
 _SWAPPED: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
-def _reader(name: str) -> property:
+def _reader(name: str, key: Optional[str] = None) -> property:
+    child = key or name
+
     def read(self: nn.Module) -> Tensor:
-        return self._modules[name]()
+        return self._modules[child]()
 
     return property(read, doc=f"The lifted learned tensor {name!r}, as its layer gives it (fake-quantized, integer or float).")
 
@@ -155,3 +158,39 @@ def lifted_in_state(model: nn.Module, keys: Iterable[str]) -> list[tuple[str, st
             found.append((module_name, pname))
     return found
 
+
+#: The suffix of a lifted layer's name while the model is traced (`traceable_lifted_tensors`).
+TRACED_SUFFIX = "_layer"
+_TRACEABLE: dict[type, type] = {}
+
+
+@contextlib.contextmanager
+def traceable_lifted_tensors(model: nn.Module) -> Iterator[None]:
+    """Within it, each lifted layer is the child ``<tensor>_layer`` of its module, and the property reads it there.
+
+    torch.export reaches every buffer by ``getattr`` along its name; under the tensor's own
+    name the property would answer with the tensor rather than the layer holding the buffer.
+    The module keeps its class's name and its forward; everything is put back afterwards.
+    """
+    swapped = []
+    try:
+        for module in model.modules():
+            names = getattr(type(module), LIFTED_ATTRIBUTE, None)
+            if not names:
+                continue
+            cls = type(module)
+            if cls not in _TRACEABLE:
+                attributes: dict[str, Any] = {n: _reader(n, n + TRACED_SUFFIX) for n in names}
+                attributes.update({"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+                _TRACEABLE[cls] = type(cls.__name__, (cls,), attributes)
+            children = dict(module._modules)
+            swapped.append((module, cls, children))
+            module._modules.clear()
+            module._modules.update({(k + TRACED_SUFFIX if k in names else k): v for k, v in children.items()})
+            module.__class__ = _TRACEABLE[cls]
+        yield
+    finally:
+        for module, cls, children in swapped:
+            module._modules.clear()
+            module._modules.update(children)
+            module.__class__ = cls

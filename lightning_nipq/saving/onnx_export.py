@@ -61,6 +61,7 @@ from lightning_nipq.convert.comparison import compare_outputs
 from lightning_nipq.layers.forms import IntegerLayerMixin
 from lightning_nipq.layers.layer_kinds import kind_of
 from lightning_nipq.layers.model_walk import integer_layers, require_integer_model
+from lightning_nipq.layers.tensor_lifting import traceable_lifted_tensors
 from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.quant.granularity import is_group_size
 
@@ -591,7 +592,7 @@ def export_onnx(
     dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in args) if dynamic_batch else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _export_mode(model, form):
+    with _export_mode(model, form), traceable_lifted_tensors(model):
         program = torch.onnx.export(
             model,
             args,

@@ -7,6 +7,7 @@ fresh module, the artifact loaded into a fresh model, and the ONNX export run in
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -17,11 +18,23 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from lightning_nipq import HardQuantize, NIPQCallback, export_onnx, load_nipq_checkpoint, load_quantized, save_quantized
-from lightning_nipq.layers import integer_layers
+from lightning_nipq import (
+    HardQuantize,
+    NIPQCallback,
+    attach_quantizers,
+    export_onnx,
+    hard_quantize,
+    load_nipq_checkpoint,
+    load_quantized,
+    save_quantized,
+)
+from lightning_nipq.layers import calibrate_activations, detach_quantizers, integer_layers, quantizers
+from lightning_nipq.layers.attach import product_holders
 from lightning_nipq.saving import compare_onnx
+from lightning_nipq.saving.checkpoint import prepare_for_state_dict
 
 transformers = pytest.importorskip("transformers")
+from lightning_nipq.layers.transformers_attention import drop_products, use_products  # noqa: E402  (imports transformers)
 
 CLASSES = 3
 VOCAB = 60
@@ -147,3 +160,53 @@ def test_a_model_from_transformers_trains_converts_reloads_and_exports(name, tmp
     onnx_path = export_onnx(model, tmp_path / "model.onnx", x[:2])
     agreement, _, _ = compare_onnx(model, onnx_path, [x])
     assert agreement >= 0.999
+
+
+# ---------------------------------------------------------------------- attention's activation products (quantize_products=True)
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ("bert", "gpt2", "llama", "vit"))
+def test_float_products_compute_what_transformers_attention_computes(name, implementation):
+    torch.manual_seed(0)
+    model = Wrapped(name).eval()
+    model.net.config._attn_implementation = implementation
+    reference = copy.deepcopy(model)
+    x = data(name).tensors[0][:8]
+    holders = product_holders(model)
+    assert len(holders) == 2  # one attention module per block
+    for _, module in holders:
+        use_products(module)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+    for _, module in holders:
+        drop_products(module)
+    assert model.net.config._attn_implementation == implementation
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("bert", "gpt2", "llama", "vit"))
+def test_transformers_attention_products_are_exact_saved_reloaded_and_exported(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Wrapped(name).eval()
+    x = data(name).tensors[0][:32]
+    result = attach_quantizers(model, quantize_products=True)
+    assert len(result.products) == 4 and model.net.config._attn_implementation == "lightning_nipq_products"
+    calibrate_activations(model, list(x.split(16)), forward=model)
+    for _, q in quantizers(model):
+        q.freeze_bits(4)
+    report = hard_quantize(model, compare_batches=list(x.split(16)))
+    assert len(report.products) == 4 and report.agreement == 1.0 and report.max_abs_diff == 0.0
+    with torch.no_grad():
+        expected = model(x)
+    fresh = load_quantized(save_quantized(model, tmp_path / "model.safetensors"), Wrapped(name))
+    state = model.state_dict()
+    other = Wrapped(name)
+    prepare_for_state_dict(other, state)
+    other.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected) and torch.equal(other.eval()(x), expected)
+    path = export_onnx(model, tmp_path / "model.onnx", x[:2])
+    agreement, _, relative = compare_onnx(model, path, [x])
+    assert agreement == 1.0 and relative < 1e-5
+    detach_quantizers(model)
+    assert model.net.config._attn_implementation == "eager" and not product_holders(model)[0][1]._modules.get("score_product")
