@@ -24,12 +24,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from benchmarks import runs
-from benchmarks.models import ResNetStyle, SmallViT
+from benchmarks.models import ResNetStyle, SmallViT, TransformersViT
 from benchmarks.reporting import DOC_PATH, command_line, environment, markdown_table, write_section
 from lightning_nipq.demo.data import ImageDataModule
 from lightning_nipq.demo.models import ImageClassifier
 
-MODELS = ("resnet", "vit")
+MODELS = ("resnet", "vit", "hf-vit")
 SECTION = "accuracy"
 
 
@@ -38,6 +38,8 @@ def model_factory(name: str, image_size: int) -> Callable[[], ImageClassifier]:
         return lambda: ResNetStyle(width=16, blocks=(1, 1, 1), lr=3e-3)
     if name == "vit":
         return lambda: SmallViT(image_size=image_size, patch_size=image_size // 4, dim=64, depth=4, heads=4, lr=2e-3)
+    if name == "hf-vit":
+        return lambda: TransformersViT(image_size=image_size, patch_size=image_size // 4, dim=64, depth=4, heads=4, lr=2e-3)
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
 
 
@@ -45,7 +47,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["resnet", "vit"])
     parser.add_argument("--train-samples", type=int, default=12000, help="first N training images (None: all 60,000)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--float-epochs", type=int, default=8)
@@ -66,6 +68,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--lsq-lr-factor", type=float, default=1.0, help="LSQ step-size learning-rate factor")
     parser.add_argument("--noise", choices=["uniform", "histogram"], default="uniform")
+    parser.add_argument(
+        "--quantize-products",
+        action="store_true",
+        help="LSQ and NIPQ also quantize attention's two activation products (quantize_products=True; method names get ' +products')",
+    )
     parser.add_argument(
         "--nipq-distillation", action="store_true", help="NIPQ (fixed and mixed) distils from the float model (LSQ has no such option)"
     )
@@ -104,6 +111,8 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
         )
 
     extra = [runs.FloatBatchNormInNoisePhase()] if args.nipq_float_bn else []
+    products = {"quantize_products": True} if args.quantize_products else {}
+    tag = " +products" if args.quantize_products else ""
     for name in args.models:
         make = model_factory(name, data.image_size)
         float_model, float_result = runs.train_float(make, data, args.float_epochs, args.seeds[0], _cache_file(args, name))
@@ -113,8 +122,8 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
                 if "ptq" in args.methods:
                     record(runs.run_ptq(float_model, data, bits, args.ptq_method, seed=seed))
                 if "lsq" in args.methods:
-                    cb = runs.lsq(bits, quantizer_lr_factor=args.lsq_lr_factor)
-                    record(runs.run_qat(float_model, data, cb, "LSQ", f"W{bits}A{bits}", args.qat_epochs, args.qat_lr, seed))
+                    cb = runs.lsq(bits, quantizer_lr_factor=args.lsq_lr_factor, **products)
+                    record(runs.run_qat(float_model, data, cb, "LSQ" + tag, f"W{bits}A{bits}", args.qat_epochs, args.qat_lr, seed))
                 if "nipq" in args.methods:
                     cb = runs.nipq_fixed(
                         bits,
@@ -123,8 +132,9 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
                         quantizer_lr_factor=args.nipq_fixed_lr_factor,
                         weight_init=args.nipq_weight_init,
                         distillation=args.nipq_distillation,
+                        **products,
                     )
-                    record(runs.run_qat(float_model, data, cb, "NIPQ", f"W{bits}A{bits}", args.qat_epochs, args.qat_lr, seed, extra_callbacks=extra))
+                    record(runs.run_qat(float_model, data, cb, "NIPQ" + tag, f"W{bits}A{bits}", args.qat_epochs, args.qat_lr, seed, extra_callbacks=extra))
             if "mixed" in args.methods:
                 for target in args.mixed:
                     cb = runs.nipq_mixed(
@@ -135,9 +145,10 @@ def run(args: argparse.Namespace) -> list[runs.Result]:
                         weight_init=args.nipq_weight_init,
                         max_bits=args.nipq_max_bits,
                         distillation=args.nipq_distillation,
+                        **products,
                     )
                     record(
-                        runs.run_qat(float_model, data, cb, "NIPQ mixed", f"avg {target:g}", args.qat_epochs, args.qat_lr, seed, extra_callbacks=extra)
+                        runs.run_qat(float_model, data, cb, "NIPQ mixed" + tag, f"avg {target:g}", args.qat_epochs, args.qat_lr, seed, extra_callbacks=extra)
                     )
     return results
 
@@ -234,7 +245,7 @@ def plot_layer_bits(results: list[runs.Result], path: Path) -> Optional[Path]:
         return None
     first: dict[tuple[str, str], runs.Result] = {}
     for r in results:
-        if r.method == "NIPQ mixed" and r.layer_bits:
+        if r.method.startswith("NIPQ mixed") and r.layer_bits:
             first.setdefault((r.model, r.setting), r)
     if not first:
         return None

@@ -7,6 +7,7 @@ attention projections with plain linears (as it did before the package split
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -144,6 +145,50 @@ class SmallViT(ImageClassifier):
     def forward(self, x: Tensor) -> Tensor:
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
+class TransformersViT(ImageClassifier):
+    """Hugging Face transformers' ``ViTForImageClassification``, built from a ``ViTConfig`` (random start, nothing downloaded).
+
+    A model the package did not write: a class-token, learned position embeddings (a
+    learned tensor held by ``ViTEmbeddings``), attention through transformers' attention
+    functions, and the library's own module names. transformers is imported when the model
+    is built, so the other benchmarks do not need it.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        patch_size: int = 7,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: int = 2,
+        lr: float = 2e-3,
+        weight_decay: float = 5e-2,
+        epochs: int = 10,
+    ) -> None:
+        super().__init__(num_classes, lr, weight_decay, epochs)
+        self.save_hyperparameters()
+        vit = importlib.import_module("transformers")
+        config = vit.ViTConfig(
+            image_size=image_size,
+            patch_size=patch_size,
+            num_channels=in_channels,
+            hidden_size=dim,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            intermediate_size=mlp_ratio * dim,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=num_classes,
+        )
+        self.vit = vit.ViTForImageClassification(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.vit(pixel_values=x).logits
 
 
 class InvertedResidual(nn.Module):

@@ -122,10 +122,7 @@ class QuantizedActivationProduct(ActivationProduct):
             # What the integer form will compute, to the bit (see `lightning_nipq.layers.forms.integer_arithmetic`).
             with torch.no_grad():
                 return integer_product(left, right, (_side_of(self.left_quantizer), _side_of(self.right_quantizer)))
-        output = torch.matmul(self.left_quantizer(left), self.right_quantizer(right))
-        if self.left_quantizer.macs == 0:
-            self.left_quantizer.macs = int(output.numel()) * int(left.shape[-1])
-        return output
+        return torch.matmul(self.left_quantizer(left), self.right_quantizer(right))
 
 
 class IntegerActivationProduct(ActivationProduct):
