@@ -76,3 +76,16 @@ def test_accuracy_benchmark_nipq_variants_smoke(tmp_path):
     rows = {(r[0], r[1], r[2]): r for r in _rows(doc.read_text())[1:]}
     row = rows[("ResNetStyle", "NIPQ", "W2A2")]
     assert row[3] == "2.00" and row[8] == "yes"
+
+
+def test_accuracy_benchmark_transformers_vit_with_products_smoke(tmp_path):
+    """transformers' ViT as a benchmark model, with attention's activation products quantized."""
+    pytest.importorskip("transformers")
+    doc = tmp_path / "benchmarks.md"
+    argv = ["--data", "digits", "--train-samples", "128", "--batch-size", "64", "--float-epochs", "1", "--qat-epochs", "2"]
+    argv += ["--models", "hf-vit", "--bits", "3", "--mixed", "--methods", "nipq", "--quantize-products"]
+    argv += ["--doc", str(doc), "--no-plot"]
+    assert accuracy.main(argv) == 0
+    rows = {(r[0], r[1], r[2]): r for r in _rows(doc.read_text())[1:]}
+    row = rows[("TransformersViT", "NIPQ +products", "W3A3")]
+    assert row[3] == "3.00" and row[4] == "3.00" and row[8] == "yes"  # the products' operands at 3 bits too
