@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -105,6 +106,14 @@ def attach_quantizers(
             for name, product in _products_to_quantize(model, include, exclude):
                 quantize_product(product, config)
                 result.products.append(name)
+            if not result.products:
+                warnings.warn(
+                    f"quantize_products=True, but {type(model).__name__} has no activation product to quantize: no "
+                    "nn.MultiheadAttention, no transformers attention module, no ActivationProduct (or include/exclude "
+                    "left them out). Attention written with torch.matmul or scaled_dot_product_attention stays float; "
+                    "call lightning_nipq.layers.ActivationProduct modules there instead",
+                    stacklevel=2,
+                )
     except BaseException:
         undo_lift()  # the model is left as it was
         undo_products()

@@ -195,6 +195,13 @@ def test_weight_only_and_products_contradict_and_bad_values_are_refused():
         NIPQCallback(target_bits=3, budget="bops", quantize_products=True)
 
 
+def test_a_model_without_reachable_products_is_told_so():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="no activation product to quantize"):
+        result = attach_quantizers(model, quantize_products=True)
+    assert result.products == [] and len(result.quantized) == 2
+
+
 def test_exclude_leaves_a_product_float_and_detach_restores_torchs_attention():
     torch.manual_seed(0)
     model = Encoder().eval()
