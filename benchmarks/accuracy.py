@@ -1,9 +1,11 @@
 """Accuracy at 2, 3 and 4 bits: PTQ, LSQ and NIPQ from one float checkpoint, on Fashion-MNIST.
 
-    python -m benchmarks.accuracy                 # the reduced CPU run (one seed; 14 minutes on 2 cores)
-    python -m benchmarks.accuracy --seeds 0 1 2   # mean and spread over seeds (a GPU run)
+    python -m benchmarks.accuracy --seeds 0 1 2   # the table in docs/benchmarks.md: 3 seeds, about an hour on 2 CPU cores
+    python -m benchmarks.accuracy                 # one seed (about 15 minutes)
+    python -m benchmarks.accuracy --models hf-vit --quantize-products   # transformers' ViT, all-integer attention
 
-For each model (a ResNet-style CNN with BatchNorm and a small vision transformer) the float
+For each model (a ResNet-style CNN with BatchNorm and a small vision transformer by
+default; ``hf-vit``, transformers' ViTForImageClassification from a config, on request) the float
 model is trained once; PTQ, LSQ and NIPQ at W4A4/W3A3/W2A2 and NIPQ mixed precision at the
 ``--mixed`` averages all start from its weights, train for the same ``--qat-epochs``, and
 are converted to validated integer models. The table (test accuracy of the integer model,
