@@ -438,7 +438,7 @@ class NIPQCallback(QuantizationAwareTraining):
                 self._projected_at = key
         share = self.schedule.hard_share(position, progress)
         # Layers in order, then the activation products' operands: they turn hard last.
-        units = [(layer.weight_quantizer, layer.input_quantizer) for layer in self._layers] + self._product_pairs
+        units = self._pairs()
         hard_count = self.schedule.hard_layer_count(share, len(units))
         blend = phase == "anneal"
         hard: set[int] = set()

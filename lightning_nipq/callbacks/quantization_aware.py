@@ -23,7 +23,7 @@ from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.quant.methods import QuantizerFactory
 from lightning_nipq.quant.observers import RangeObserver
 from lightning_nipq.saving.checkpoint import MANIFEST_KEY, quantization_manifest
-from lightning_nipq.training.bit_budget import pair_average_bits
+from lightning_nipq.training.bit_budget import pair_average_bits, product_pairs
 from lightning_nipq.training.layer_metrics import is_logging_step, per_layer_metrics
 from lightning_nipq.training.param_groups import split_quantizer_params
 
@@ -336,7 +336,7 @@ class QuantizationAwareTraining(Callback):
     def _walk_layers(self, pl_module: LightningModule) -> None:
         self._named_layers = list(quantized_layers(pl_module))
         self._layers = [layer for _, layer in self._named_layers]
-        self._product_pairs = [(None, q) for _, product in quantized_products(pl_module) for q in product_quantizers(product)]
+        self._product_pairs = product_pairs(pl_module)
 
     def _log_bits(self, trainer: Trainer, pl_module: LightningModule) -> None:
         with torch.no_grad():

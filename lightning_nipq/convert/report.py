@@ -109,7 +109,7 @@ class QuantizationReport:
     @property
     def avg_act_bits(self) -> Optional[float]:
         """The element-weighted mean bits of the quantized inputs: the layers' and the activation products' operands."""
-        counted = [(r.input_bits, r.input_numel) for r in self.layers if r.input_bits is not None and r.input_numel > 0]
+        counted = [(r.input_bits, r.input_numel) for r in self.layers if r.input_bits is not None]
         for p in self.products:
             counted += [(p.left_bits, p.left_numel), (p.right_bits, p.right_numel)]
         counted = [(bits, numel) for bits, numel in counted if numel > 0]

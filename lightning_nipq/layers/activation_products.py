@@ -31,10 +31,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_nipq.layers.forms import _INTEGER_ARITHMETIC, FLOAT32_EXACT_LIMIT, FLOAT64_EXACT_LIMIT, check_steps
+from lightning_nipq.layers.forms import _INTEGER_ARITHMETIC, check_steps, exact_sum_dtype, input_code_settings, input_codes
 from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 from lightning_nipq.quant.codes import check_bit_width, num_levels
-from lightning_nipq.quant.fake_quant import code_grid, integer_codes
 from lightning_nipq.quant.methods import QuantizerFactory
 
 #: The two operands, in the order of ``forward``'s arguments and of the integer form's rows.
@@ -75,11 +74,7 @@ class ProductSide(NamedTuple):
 
     def codes_and_step(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The centred codes of ``x`` (float tensor of integers) and their step, by the quantizer's own formula."""
-        bits = torch.tensor(float(self.bits), device=x.device)
-        zero = torch.tensor(float(self.zero_point), device=x.device) if self.zero_point else None
-        alpha = self.alpha.to(x.device)
-        codes = integer_codes(x.float(), alpha, bits, self.signed, zero)
-        return codes, alpha / code_grid(bits, self.signed, zero)[1]
+        return input_codes(x, self.alpha.to(x.device), self.bits, self.signed, self.zero_point)
 
     def largest_code(self) -> int:
         """The largest magnitude of a centred code: ``n`` signed, ``N`` unsigned (with or without a zero point)."""
@@ -88,10 +83,7 @@ class ProductSide(NamedTuple):
 
 def product_dtype(reduction: int, left: ProductSide, right: ProductSide, device: torch.device) -> torch.dtype:
     """float32 where every partial sum of code products is below ``2**24`` on CPU, else float64 (exact to ``2**53``)."""
-    bound = reduction * left.largest_code() * right.largest_code()
-    if bound >= FLOAT64_EXACT_LIMIT:
-        raise ValueError(f"integer accumulation bound {bound} exceeds float64's exact range")
-    return torch.float32 if device.type == "cpu" and bound < FLOAT32_EXACT_LIMIT else torch.float64
+    return exact_sum_dtype(reduction * left.largest_code() * right.largest_code(), device)
 
 
 def integer_product(left: Tensor, right: Tensor, sides: tuple[ProductSide, ProductSide]) -> Tensor:
@@ -105,10 +97,8 @@ def integer_product(left: Tensor, right: Tensor, sides: tuple[ProductSide, Produ
 
 def _side_of(quantizer: BaseQuantizer) -> ProductSide:
     """The integer side an eval-mode, calibrated input quantizer gives (what `product_to_integer` stores)."""
-    bits = quantizer.rounded_bits()
-    alpha = quantizer.alpha.detach().float().reshape(()).clone()
-    zero = quantizer.zero_point_code(torch.tensor(float(bits), device=alpha.device))
-    return ProductSide(alpha, bits, bool(quantizer.signed), 0 if zero is None else int(zero), int(quantizer.size))
+    bits, alpha, zero = input_code_settings(quantizer)
+    return ProductSide(alpha, bits, bool(quantizer.signed), zero, int(quantizer.size))
 
 
 class QuantizedActivationProduct(ActivationProduct):

@@ -29,6 +29,7 @@ from lightning_nipq.layers.attention import (
 from lightning_nipq.layers.forms import check_saved_quantizer, is_integer, is_quantized
 from lightning_nipq.layers.layer_kinds import kind_of, supported_names
 from lightning_nipq.layers.model_walk import check_patterns, matches, named_layers, plan_layers
+from lightning_nipq.layers.restore_point import restore_point
 from lightning_nipq.layers.tensor_lifting import (
     lift_learned_tensors_undoably,
     liftable_tensors,
@@ -386,7 +387,7 @@ def give_saved_products_undoably(model: nn.Module, state_dict: Mapping[str, Any]
         for attention in added:
             _remove_products(attention)
         raise
-    before = [(product, type(product), dict(product.__dict__)) for product, _, _ in plan]
+    restores = [restore_point(product) for product, _, _ in plan]
     for product, form, built in plan:
         if type(product) is not ActivationProduct:
             product_to_float(product)
@@ -396,10 +397,8 @@ def give_saved_products_undoably(model: nn.Module, state_dict: Mapping[str, Any]
             empty_integer_product(product)
 
     def undo() -> None:
-        for product, cls, attributes in before:
-            product.__dict__.clear()
-            product.__dict__.update(attributes)
-            product.__class__ = cls
+        for restore in restores:
+            restore()
         for attention in added:
             _remove_products(attention)
 

@@ -432,29 +432,47 @@ def integer_values(layer: nn.Module) -> IntegerValues:
         scale = (w_alpha / num_levels(w_bits, True)).detach().clone()
         iq = layer.input_quantizer
         if iq is not None and iq.calibrated:
-            input_bits: Optional[int] = iq.rounded_bits()
-            input_alpha = iq.alpha.detach().float().clone()
-            # The quantizer's own zero point at the bits the layer keeps: the same float32 formula.
-            zero = iq.zero_point_code(torch.tensor(float(input_bits), device=input_alpha.device))
-            return IntegerValues(
-                codes, scale, int(w_bits.item()), wq.granularity, input_alpha, input_bits, iq.signed, 0 if zero is None else int(zero)
-            )
+            input_bits, input_alpha, zero = input_code_settings(iq)
+            return IntegerValues(codes, scale, int(w_bits.item()), wq.granularity, input_alpha, input_bits, iq.signed, zero)
     return IntegerValues(codes, scale, int(w_bits.item()), wq.granularity, torch.zeros((), device=device), None, True, 0)
 
 
-def accumulator_dtype(
-    accumulation_size: int, input_bits: Optional[int], input_signed: bool, weight_bits: int, device: torch.device
-) -> torch.dtype:
-    """float32 where every partial sum of code products is below ``2**24`` on CPU, else float64 (exact to ``2**53``)."""
-    if input_bits is None:
-        return torch.float32  # float input: not integer arithmetic
-    # Python integers: no tensor, so no host sync and no graph break under torch.compile.
-    bound = accumulation_size * num_levels(input_bits, input_signed) * num_levels(weight_bits, True)
+def input_code_settings(quantizer: BaseQuantizer) -> tuple[int, Tensor, int]:
+    """``(bits, alpha, zero point)`` with which an eval-mode, calibrated input quantizer turns values into codes (zero point 0: none)."""
+    bits = quantizer.rounded_bits()
+    alpha = quantizer.alpha.detach().float().reshape(()).clone()
+    # The quantizer's own zero point at the bits it keeps: the same float32 formula.
+    zero = quantizer.zero_point_code(torch.tensor(float(bits), device=alpha.device))
+    return bits, alpha, 0 if zero is None else int(zero)
+
+
+def input_codes(x: Tensor, alpha: Tensor, bits: int, signed: bool, zero_point: int) -> tuple[Tensor, Tensor]:
+    """The centred codes of ``x`` (a float tensor of integers, ``q - z`` with a zero point) and their step, by the quantizer's formula."""
+    bits_t = torch.tensor(float(bits), device=x.device)
+    # Centred codes q - z with a zero point: integers in [-z, N - z], 0 for a real 0.0.
+    zero = torch.tensor(float(zero_point), device=x.device) if zero_point else None
+    codes = integer_codes(x.float(), alpha, bits_t, signed, zero)
+    # code_grid: the same float32 division as the fake quantizer's step.
+    return codes, alpha / code_grid(bits_t, signed, zero)[1]
+
+
+def exact_sum_dtype(bound: int, device: torch.device) -> torch.dtype:
+    """float32 where every partial sum of code products, at most ``bound`` in magnitude, is below ``2**24`` on CPU, else float64 (exact to ``2**53``)."""
     if bound >= FLOAT64_EXACT_LIMIT:
         raise ValueError(f"integer accumulation bound {bound} exceeds float64's exact range")
     if device.type == "cpu" and bound < FLOAT32_EXACT_LIMIT:
         return torch.float32
     return torch.float64
+
+
+def accumulator_dtype(
+    accumulation_size: int, input_bits: Optional[int], input_signed: bool, weight_bits: int, device: torch.device
+) -> torch.dtype:
+    """`exact_sum_dtype` for a layer's input codes times its weight codes (float32 for a float input)."""
+    if input_bits is None:
+        return torch.float32  # float input: not integer arithmetic
+    # Python integers: no tensor, so no host sync and no graph break under torch.compile.
+    return exact_sum_dtype(accumulation_size * num_levels(input_bits, input_signed) * num_levels(weight_bits, True), device)
 
 
 def integer_output(maths: Any, input: Tensor, values: IntegerValues, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -475,12 +493,8 @@ def integer_output(maths: Any, input: Tensor, values: IntegerValues, args: tuple
         weight = (codes * steps).reshape(values.weight_codes.shape)
         output = maths.apply_weight(input.to(dtype), weight, None, *args, **kwargs)
     else:
-        bits = torch.tensor(float(values.input_bits), device=input.device)
-        # Centred codes q - z with a zero point: integers in [-z, N - z], 0 for a real 0.0.
-        zero = torch.tensor(float(values.input_zero_point), device=input.device) if values.input_zero_point else None
-        codes_in = integer_codes(input.float(), values.input_alpha, bits, values.input_signed, zero).to(dtype)
-        # code_grid: the same float32 division as the fake quantizer's step.
-        input_scale = (values.input_alpha / code_grid(bits, values.input_signed, zero)[1]).to(dtype)
+        codes_in, input_scale = input_codes(input, values.input_alpha, values.input_bits, values.input_signed, values.input_zero_point)
+        codes_in, input_scale = codes_in.to(dtype), input_scale.to(dtype)
         codes_w = values.weight_codes.to(dtype)
         if grouped:
             # One exact integer sum per group, each rescaled by its own step.

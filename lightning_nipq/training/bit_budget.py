@@ -46,10 +46,12 @@ def model_pairs(model: nn.Module) -> list[Pair]:
     An operand of a product is an input like a layer's, so it counts in the average input
     bits; having no weight, it has no BOPs of a layer (``"bops"`` counts layers only).
     """
-    pairs: list[Pair] = [(layer.weight_quantizer, layer.input_quantizer) for _, layer in quantized_layers(model)]
-    for _, product in quantized_products(model):
-        pairs += [(None, q) for q in product_quantizers(product)]
-    return pairs
+    return [(layer.weight_quantizer, layer.input_quantizer) for _, layer in quantized_layers(model)] + product_pairs(model)
+
+
+def product_pairs(model: nn.Module) -> list[Pair]:
+    """``(None, operand quantizer)`` for each operand of the activation products of ``model``: inputs without a weight."""
+    return [(None, q) for _, product in quantized_products(model) for q in product_quantizers(product)]
 
 
 def _weights(pairs: Sequence[Pair]) -> list[BaseQuantizer]:
