@@ -32,13 +32,17 @@ from benchmarks import runs  # noqa: F401  (quiets Lightning's logs)
 from benchmarks.models import ResNetStyle, SmallViT
 from benchmarks.reporting import DOC_PATH, command_line, environment, markdown_table, write_section
 from lightning_nipq import LSQCallback, NIPQCallback
-from lightning_nipq.quant.fused_fake_quant import composed_fake_quant
+from lightning_nipq.quant.fused_fake_quant import composed_fake_quant, kept_fake_quant_outputs
 
 # The hard-phase variant freezes bits at the first step, far above the target: expected here.
 warnings.filterwarnings("ignore", ".*learned average bits.*")
 VARIANTS = ("float", "NIPQ noise", "NIPQ hard", "LSQ")
-#: The quantized variants again with the composed fake-quantization functions (``--reference``).
+#: The quantized variants again with the fused functions keeping their outputs for backward
+#: (what the package ran before it recomputed them), and with the composed fake-quantization
+#: functions (before the fused ones): ``--reference``.
+KEPT = " (kept)"
 COMPOSED = " (composed)"
+REFERENCES = {KEPT: kept_fake_quant_outputs, COMPOSED: composed_fake_quant}
 
 
 class StepCost(Callback):
@@ -114,9 +118,10 @@ def callbacks_for(variant: str, bits: int) -> list[Callback]:
 
 
 def measure(variant: str, args: argparse.Namespace, loader: DataLoader, compiled: bool) -> StepCost:
-    if variant.endswith(COMPOSED):
-        with composed_fake_quant():
-            return measure(variant[: -len(COMPOSED)], args, loader, compiled)
+    for suffix, reference in REFERENCES.items():
+        if variant.endswith(suffix):
+            with reference():
+                return measure(variant[: -len(suffix)], args, loader, compiled)
     seed_everything(0, verbose=False)
     model = make_model(args.model, args.image_size, args.channels)
     timer = StepCost(args.warmup)
@@ -153,7 +158,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (calibration, allocator, autotuning)")
     parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
     parser.add_argument(
-        "--reference", action="store_true", help="also run the quantized variants with the composed (unfused) fake quantization"
+        "--reference",
+        action="store_true",
+        help="also run the quantized variants with the fake-quantized tensors kept for backward, and with the composed (unfused) functions",
     )
     parser.add_argument("--repeats", type=int, default=1, help="run every variant this many times, interleaved; report the median")
     parser.add_argument("--doc", type=Path, default=DOC_PATH)
@@ -183,7 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows: list[list[str]] = []
     modes = [False, True] if args.compile else [False]
-    variants = list(VARIANTS) + ([v + COMPOSED for v in VARIANTS if v != "float"] if args.reference else [])
+    references = [v + suffix for suffix in REFERENCES for v in VARIANTS if v != "float"] if args.reference else []
+    variants = list(VARIANTS) + references
     for compiled in modes:
         measured: dict[str, list[StepCost]] = {variant: [] for variant in variants}
         for repeat in range(args.repeats):  # interleaved, so that load drifting over the run hits every variant
@@ -228,8 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else ""
         )
         + (
-            f". Rows marked{COMPOSED} run the composed fake-quantization functions (what the package ran before the "
-            "fused ones), for comparison"
+            f". Rows marked{KEPT} run the fused functions with autograd keeping each fake-quantized tensor until "
+            f"backward (what the package ran before it recomputed them there), rows marked{COMPOSED} the composed "
+            "fake-quantization functions (what it ran before the fused ones), for comparison"
             if args.reference
             else ""
         )

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lightning_nipq.layers.forms import _INTEGER_ARITHMETIC, check_steps, exact_sum_dtype, input_code_settings, input_codes
 from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 from lightning_nipq.quant.codes import check_bit_width, num_levels
+from lightning_nipq.quant.fused_fake_quant import recomputed_outputs
 from lightning_nipq.quant.methods import QuantizerFactory
 
 #: The two operands, in the order of ``forward``'s arguments and of the integer form's rows.
@@ -112,7 +113,8 @@ class QuantizedActivationProduct(ActivationProduct):
             # What the integer form will compute, to the bit (see `lightning_nipq.layers.forms.integer_arithmetic`).
             with torch.no_grad():
                 return integer_product(left, right, (_side_of(self.left_quantizer), _side_of(self.right_quantizer)))
-        return torch.matmul(self.left_quantizer(left), self.right_quantizer(right))
+        with recomputed_outputs():
+            return torch.matmul(self.left_quantizer(left), self.right_quantizer(right))
 
 
 class IntegerActivationProduct(ActivationProduct):

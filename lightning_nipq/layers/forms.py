@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lightning_nipq.quant.base_quantizer import DAMAGED_STATE_FIX, BaseQuantizer
 from lightning_nipq.quant.codes import check_bit_width, code_dtype, num_levels
 from lightning_nipq.quant.fake_quant import code_grid, integer_codes
+from lightning_nipq.quant.fused_fake_quant import recomputed_outputs
 from lightning_nipq.quant.granularity import (
     Granularity,
     RangeShape,
@@ -71,10 +72,12 @@ class QuantizedLayerMixin:
             # What the integer form will compute, to the bit: see `integer_arithmetic`.
             with torch.no_grad():
                 return integer_output(self, input, integer_values(self), args, kwargs)
-        if self.input_quantizer is not None:
-            input = self.input_quantizer(input)
-        weight = self.weight_quantizer(self.weight)
-        output = self.apply_weight(input, weight, self.bias, *args, **kwargs)  # type: ignore[attr-defined]
+        # The quantized input (and weight) the maths keep for backward are computed again there.
+        with recomputed_outputs():
+            if self.input_quantizer is not None:
+                input = self.input_quantizer(input)
+            weight = self.weight_quantizer(self.weight)
+            output = self.apply_weight(input, weight, self.bias, *args, **kwargs)  # type: ignore[attr-defined]
         if self.weight_quantizer.macs == 0:
             self.weight_quantizer.macs = layer_macs(self, input, output)
         return output

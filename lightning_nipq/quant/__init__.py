@@ -3,6 +3,7 @@
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.quant.codes import MAX_BITS, MIN_BITS, MIN_SIGNED_BITS, num_levels
 from lightning_nipq.quant.fake_quant import hard_fake_quant, integer_codes, noise_fake_quant, round_ste
+from lightning_nipq.quant.fused_fake_quant import kept_fake_quant_outputs
 from lightning_nipq.quant.granularity import check_granularity, grouped_view, range_shape_for
 from lightning_nipq.quant.lsq_quantizer import LSQConfig, LSQQuantizer
 from lightning_nipq.quant.methods import QUANTIZER_METHODS, QuantizerFactory, quantizer_from_state
@@ -27,6 +28,7 @@ __all__ = [
     "grouped_view",
     "hard_fake_quant",
     "integer_codes",
+    "kept_fake_quant_outputs",
     "noise_fake_quant",
     "num_levels",
     "quantization_mse",

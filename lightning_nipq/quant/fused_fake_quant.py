@@ -22,9 +22,10 @@ compare these with.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -102,6 +103,55 @@ def _default_generator(device: torch.device) -> Optional[torch.Generator]:
     return None
 
 
+def _hard_output(x: Tensor, alpha: Tensor, bits: Tensor, zero_point: Optional[Tensor], signed: bool) -> Tensor:
+    lower, n = code_grid(bits, signed, zero_point)
+    v = _clamp_unit(x.to(_compute_dtype(x)) / alpha, lower)
+    v.mul_(n)
+    # round_ste's v + (round(v) - v) is round(v) exactly, but for a +0.0 where round gives -0.0.
+    v.round_().add_(0.0)
+    return v.mul_(alpha / n).to(x.dtype)
+
+
+def _noise_output(
+    x: Tensor, noise: Tensor, alpha: Tensor, bits: Tensor, zero_point: Optional[Tensor], signed: bool, code: bool = True
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The noise proxy's output in ``x``'s dtype and (``code=True``) the one-byte code of where ``x`` lies against its range."""
+    xc = x.to(_compute_dtype(x))
+    step, lower = _noise_bounds(alpha, bits, signed, zero_point)
+    out = torch.clamp(xc, min=lower, max=alpha)
+    if code:
+        where = (xc >= lower).to(torch.uint8)
+        where += xc > lower
+        where += xc >= alpha
+        where += xc > alpha
+        inside = where == _INSIDE
+    else:  # the same mask, for a recomputation that needs no code
+        inside = (xc > lower).logical_and_(xc < alpha)
+    term = inside.to(xc.dtype).mul_(noise).mul_(step)
+    return out.add_(term).to(x.dtype), where if code else None
+
+
+class _Draw:
+    """Where a uniform draw came from, to draw it again: the generator's state right before it.
+
+    The recomputation of the output (see `recomputed_outputs`) runs in backward before the
+    function's own backward and leaves its draw here for it: one draw again instead of two.
+    """
+
+    def __init__(self, rng_state: Tensor, device: torch.device) -> None:
+        self.rng_state, self.device = rng_state, device
+        self.left: Optional[Tensor] = None
+
+    def again(self, like: Tensor) -> Tensor:
+        """The same noise, shaped like ``like``, from a private generator (the caller's does not move)."""
+        if self.left is not None and self.left.shape == like.shape:
+            noise, self.left = self.left, None
+            return noise
+        generator = torch.Generator(device=self.device)
+        generator.set_state(self.rng_state)
+        return uniform_noise(like, generator)
+
+
 class _HardFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -109,12 +159,7 @@ class _HardFakeQuant(torch.autograd.Function):
     ) -> Tensor:
         ctx.signed, ctx.x_dtype = signed, x.dtype
         ctx.save_for_backward(x, alpha, bits, zero_point)
-        lower, n = code_grid(bits, signed, zero_point)
-        v = _clamp_unit(x.to(_compute_dtype(x)) / alpha, lower)
-        v.mul_(n)
-        # round_ste's v + (round(v) - v) is round(v) exactly, but for a +0.0 where round gives -0.0.
-        v.round_().add_(0.0)
-        return v.mul_(alpha / n).to(x.dtype)
+        return _hard_output(x, alpha, bits, zero_point, signed)
 
     @staticmethod
     @once_differentiable
@@ -165,25 +210,16 @@ class _NoiseFakeQuant(torch.autograd.Function):
         signed: bool,
         kind: str,
         generator: Optional[torch.Generator],
+        draw: Optional[_Draw],
     ) -> Tensor:
-        xc = x.to(_compute_dtype(x))
-        source = generator if generator is not None else _default_generator(x.device)
-        regenerate = kind == "uniform" and source is not None
-        # Taken right before the draw: backward draws again from a copy of this state.
-        ctx.rng_state = source.get_state() if regenerate else None
-        ctx.rng_device = source.device if regenerate else None
-        noise = sample_noise(kind, xc, alpha, bits, signed, generator, zero_point)
-        step, lower = _noise_bounds(alpha, bits, signed, zero_point)
-        out = torch.clamp(xc, min=lower, max=alpha)
-        code = (xc >= lower).to(torch.uint8)
-        code += xc > lower
-        code += xc >= alpha
-        code += xc > alpha
-        inside = code == _INSIDE
+        # draw: where the noise comes from (see fused_noise_fake_quant); backward draws it
+        # again. None: the noise is kept.
+        ctx.draw = draw
+        noise = sample_noise(kind, x.to(_compute_dtype(x)), alpha, bits, signed, generator, zero_point)
+        out, code = _noise_output(x, noise, alpha, bits, zero_point, signed)
         ctx.signed, ctx.x_shape, ctx.x_dtype = signed, x.shape, x.dtype
-        ctx.save_for_backward(code, alpha, bits, zero_point, None if regenerate else noise)
-        term = inside.to(xc.dtype).mul_(noise).mul_(step)
-        return out.add_(term).to(x.dtype)
+        ctx.save_for_backward(code, alpha, bits, zero_point, None if draw is not None else noise)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -196,12 +232,9 @@ class _NoiseFakeQuant(torch.autograd.Function):
             # code - 1 wraps below _BELOW to 255: the clamp passes codes 1 to 3.
             grad_x = _sum_to(torch.where((code - 1) <= _INSIDE, g, 0.0), ctx.x_shape).to(ctx.x_dtype)
         if not (need_alpha or need_bits):
-            return grad_x, None, None, None, None, None, None
+            return grad_x, None, None, None, None, None, None, None
         if noise is None:
-            # A private generator: backward must not move the caller's.
-            generator = torch.Generator(device=ctx.rng_device)
-            generator.set_state(ctx.rng_state)
-            noise = uniform_noise(torch.empty((), device=code.device).expand(ctx.x_shape), generator)
+            noise = ctx.draw.again(torch.empty((), device=code.device).expand(ctx.x_shape))
         with torch.enable_grad():
             b = bits.detach().requires_grad_(need_bits)
             _, n_b = code_grid(b, ctx.signed, zero_point)
@@ -219,7 +252,157 @@ class _NoiseFakeQuant(torch.autograd.Function):
         grad_bits = None
         if need_bits:
             (grad_bits,) = torch.autograd.grad(n_b, b, _sum_to(-grad_step * ((alpha / n) / n), n.shape))
-        return grad_x, grad_alpha if need_alpha else None, grad_bits if need_bits else None, None, None, None, None
+        return grad_x, grad_alpha if need_alpha else None, grad_bits if need_bits else None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------- recomputed outputs
+# A layer's convolution or matmul keeps its fake-quantized input for the weight's gradient: a
+# second copy of an activation whose float original the layer before keeps already. Inside
+# `recomputed_outputs`, autograd keeps instead how to compute it again (the float input, which
+# is kept anyway, and the range, bits and generator state), and backward recomputes it, to
+# the bit, when the weight's gradient needs it: one elementwise pass instead of 4 bytes per
+# element held from forward to backward.
+
+
+class _Offer(NamedTuple):
+    output: Tensor
+    x: Tensor
+    x_version: int
+    again: Callable[[Tensor], Tensor]
+
+
+class _Recipe(NamedTuple):
+    x: Any  # the float input, as the outer saved-tensor hooks packed it
+    x_version: int
+    again: Callable[[Tensor], Tensor]
+    geometry: tuple[torch.Size, tuple[int, ...], int]  # the saved tensor's view of the output's storage
+
+
+class _Offers(threading.local):
+    def __init__(self) -> None:
+        self.open: Optional[list[_Offer]] = None
+
+
+_offers = _Offers()
+_recompute_enabled = True
+
+
+@contextmanager
+def kept_fake_quant_outputs() -> Iterator[None]:
+    """Inside the block, fake-quantized layers keep their quantized input for backward instead of computing it again.
+
+    By default a fake-quantized layer does not hold its quantized input (and weight) from
+    forward to backward: backward computes it again, to the bit, from the float input the
+    layer before keeps anyway (see `recomputed_outputs`). That saves 4 bytes per element of
+    each quantized input (2 in bf16) for one more elementwise pass in backward. Inside this
+    block the layers keep the tensor: more memory, a shorter step. Results are the same::
+
+        from lightning_nipq.quant import kept_fake_quant_outputs
+
+        with kept_fake_quant_outputs():
+            trainer.fit(model)
+    """
+    global _recompute_enabled
+    before, _recompute_enabled = _recompute_enabled, False
+    try:
+        yield
+    finally:
+        _recompute_enabled = before
+
+
+def _offer(output: Tensor, x: Tensor, again: Callable[[Tensor], Tensor]) -> None:
+    if _offers.open is not None and output.numel() > 0:
+        _offers.open.append(_Offer(output, x, x._version, again))
+
+
+# torch names the saved-tensor hooks in force only privately. Without these two (another torch
+# version), the layers keep their quantized inputs: hooks of ours would hide the caller's.
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_hooks_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+
+
+def _outer_hooks() -> Optional[tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]]:
+    # The hooks active outside (activation offloading, checkpointing, a memory count): the
+    # tensors ours do not replace go through them, and the float input of a recomputed one too.
+    assert _top_hooks is not None
+    return _top_hooks(False)
+
+
+def _can_recompute() -> bool:
+    return (
+        _recompute_enabled
+        and _fused_enabled
+        and _top_hooks is not None
+        and _hooks_enabled is not None
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and _hooks_enabled()
+    )
+
+
+@contextmanager
+def recomputed_outputs() -> Iterator[None]:
+    """Inside the block, a fused fake quantization's output saved for backward is computed again there instead.
+
+    The fake-quantized layers run their quantizers and their maths inside this block. A
+    saved tensor that is (a view of) the output of `fused_hard_fake_quant`, or of
+    `fused_noise_fake_quant` with uniform noise, is packed as the float input it was computed
+    from with the quantizer's range, bits and generator state; unpacking computes the same
+    output again, to the bit, without moving any generator. Other saved tensors, and that
+    float input, go through the saved-tensor hooks active outside the block, if any. Modifying
+    the float input in place before backward raises, as autograd does for a saved tensor.
+    Does nothing under ``torch.compile`` (whose partitioner recomputes elementwise work
+    itself), without autograd, where saved-tensor hooks are disabled, or inside
+    `kept_fake_quant_outputs`.
+    """
+    if _offers.open is not None or not _can_recompute():
+        yield
+        return
+    offers: list[_Offer] = []
+    outer = _outer_hooks()
+
+    def pack(saved: Tensor) -> tuple[Optional[_Recipe], Any]:
+        if offers and saved.numel() > 0:
+            pointer = saved.untyped_storage().data_ptr()
+            for offer in offers:
+                output = offer.output
+                if (
+                    output.untyped_storage().data_ptr() == pointer
+                    and output.dtype == saved.dtype
+                    and output.device == saved.device
+                    and output.storage_offset() == 0
+                ):
+                    if offer.x._version != offer.x_version:
+                        break  # the float input changed since: keep the output itself
+                    x = outer[0](offer.x) if outer is not None else offer.x
+                    geometry = (saved.size(), saved.stride(), saved.storage_offset())
+                    return _Recipe(x, offer.x_version, offer.again, geometry), output.stride()
+        return None, outer[0](saved) if outer is not None else saved
+
+    def unpack(packed: tuple[Optional[_Recipe], Any]) -> Tensor:
+        recipe, payload = packed
+        if recipe is None:
+            return outer[1](payload) if outer is not None else payload
+        # Outer hooks may hand back a copy (offloading): they answer for what they packed.
+        x = outer[1](recipe.x) if outer is not None else recipe.x
+        if outer is None and x._version != recipe.x_version:
+            raise RuntimeError(
+                "The input of a fake-quantized layer was modified in place after the layer used it, and "
+                "backward needs it to compute the layer's quantized input again. Use an out-of-place "
+                "operation (for example ReLU(inplace=False)) after a quantized layer's input."
+            )
+        with torch.no_grad():
+            output = recipe.again(x)
+        if output.stride() != payload:
+            raise RuntimeError("A recomputed fake quantization came out in another memory layout than in forward.")
+        return output.as_strided(*recipe.geometry)
+
+    _offers.open = offers
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _offers.open = None
 
 
 def fused_hard_fake_quant(
@@ -230,7 +413,10 @@ def fused_hard_fake_quant(
     Same output (in ``x``'s dtype) and gradients, to the last bit, as
     ``hard_fake_quant(x.float(), ...)``. ``zero_point`` is a constant (no gradient).
     """
-    return _HardFakeQuant.apply(x, alpha, bits, zero_point, signed)
+    out = _HardFakeQuant.apply(x, alpha, bits, zero_point, signed)
+    constants = (alpha.detach(), bits.detach(), zero_point, signed)
+    _offer(out, x, lambda x_again: _hard_output(x_again, *constants))
+    return out
 
 
 def fused_noise_fake_quant(
@@ -253,4 +439,17 @@ def fused_noise_fake_quant(
     """
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
-    return _NoiseFakeQuant.apply(x, alpha, bits, zero_point, signed, noise, generator)
+    source = generator if generator is not None else _default_generator(x.device)
+    # The state right before the draw: backward draws again from a copy of it.
+    draw = _Draw(source.get_state(), source.device) if noise == "uniform" and source is not None else None
+    out = _NoiseFakeQuant.apply(x, alpha, bits, zero_point, signed, noise, generator, draw)
+    if draw is not None:
+        constants = (alpha.detach(), bits.detach(), zero_point, signed)
+
+        def again(x_again: Tensor) -> Tensor:
+            noise = draw.again(x_again)
+            draw.left = noise  # for the function's backward, which runs next
+            return _noise_output(x_again, noise, *constants, code=False)[0]
+
+        _offer(out, x, again)
+    return out

@@ -1,13 +1,16 @@
 """The fused fake quantizations against the composed ones of fake_quant.py, which stay the reference."""
 
+import contextlib
 from typing import Optional
 
 import pytest
 import torch
 
-from lightning_nipq import LSQQuantizer, NIPQQuantizer
+from lightning_nipq import LSQConfig, LSQQuantizer, NIPQConfig, NIPQQuantizer, attach_quantizers
+from lightning_nipq.layers import calibrate_activations
+from lightning_nipq.layers.model_walk import quantizers
 from lightning_nipq.quant.fake_quant import code_grid, hard_fake_quant, noise_fake_quant, zero_point
-from lightning_nipq.quant.fused_fake_quant import fused_hard_fake_quant, fused_noise_fake_quant
+from lightning_nipq.quant.fused_fake_quant import fused_hard_fake_quant, fused_noise_fake_quant, kept_fake_quant_outputs
 from lightning_nipq.quant.granularity import grouped_view
 from lightning_nipq.quant.noise import sample_noise
 
@@ -248,3 +251,90 @@ def test_lsq_quantizer_gives_the_composed_paths_outputs_and_gradients(monkeypatc
         (out.float() * target).sum().backward()
         results.append([out, leaf.grad, q.step.grad.clone()])
     _assert_equal(*results)
+
+
+# ---------------------------------------------------------------------- recomputed outputs
+
+
+def _quantized_convs(config, mode: str) -> torch.nn.Module:
+    """Two fake-quantized convolutions and a linear layer, calibrated, in ``mode``, each quantizer with its own generator."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5)
+    )
+    attach_quantizers(model, config)
+    calibrate_activations(model, [torch.randn(16, 3, 8, 8)], lambda batch: model(batch))
+    for index, (_, quantizer) in enumerate(quantizers(model)):
+        if isinstance(quantizer, NIPQQuantizer):
+            quantizer.mode = mode
+            quantizer.generator = torch.Generator().manual_seed(index)
+    return model.train()
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, keep: bool):
+    """Output, input and parameter gradients, bytes saved for backward (seen by an outer hook), generator states."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = x.clone().requires_grad_()
+    with contextlib.ExitStack() as stack:
+        if keep:
+            stack.enter_context(kept_fake_quant_outputs())
+        if dtype == torch.bfloat16:
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        out = model(x)
+    out.float().square().sum().backward()
+    grads = [x.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+    states = [q.generator.get_state() for _, q in quantizers(model) if getattr(q, "generator", None) is not None]
+    return out, grads, sum(saved.values()), states
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method, mode", [("nipq", "noise"), ("nipq", "hard"), ("lsq", "hard")])
+def test_layers_recompute_their_quantized_input_in_backward_to_the_bit(method, mode, dtype):
+    config = LSQConfig() if method == "lsq" else NIPQConfig()
+    x = torch.randn(32, 3, 8, 8)
+    recomputed, kept = _quantized_convs(config, mode), _quantized_convs(config, mode)
+    out, grads, held, states = _step(recomputed, x, dtype, keep=False)
+    ref_out, ref_grads, ref_held, ref_states = _step(kept, x, dtype, keep=True)
+    assert torch.equal(out, ref_out)
+    assert len(grads) == len(ref_grads) >= 7  # the input, weights and biases, ranges (and bits)
+    _assert_equal(grads, ref_grads)
+    # Backward draws the noise again from copies: the generators stand where forward left them.
+    assert all(torch.equal(a, b) for a, b in zip(states, ref_states))
+    # The second convolution's quantized input alone: 32 x 8 x 6 x 6 elements.
+    assert ref_held - held >= 32 * 8 * 6 * 6 * (2 if dtype == torch.bfloat16 else 4)
+
+
+def test_an_input_modified_in_place_after_the_layer_used_it_is_refused_in_backward():
+    model = _quantized_convs(NIPQConfig(), "noise")
+    hidden = model[1](model[0](torch.randn(4, 3, 8, 8)))
+    out = model[2](hidden)
+    hidden.add_(1.0)  # the float input the quantized one would be computed again from
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_recomputation_works_inside_activation_checkpointing():
+    # Hard mode: checkpointing runs forward again, which would draw new noise from the quantizers' generators.
+    x = torch.randn(8, 3, 8, 8)
+    checkpointed, plain = _quantized_convs(NIPQConfig(), "hard"), _quantized_convs(NIPQConfig(), "hard")
+    out = torch.utils.checkpoint.checkpoint(checkpointed, x, use_reentrant=False)
+    out.square().sum().backward()
+    plain(x).square().sum().backward()
+    _assert_equal([p.grad for p in checkpointed.parameters()], [p.grad for p in plain.parameters()])
+
+
+def test_recomputation_works_under_offloading_hooks():
+    # save_on_cpu packs copies: the float input the quantized one is computed from comes back as one.
+    x = torch.randn(8, 3, 8, 8)
+    offloaded, plain = _quantized_convs(NIPQConfig(), "noise"), _quantized_convs(NIPQConfig(), "noise")
+    with torch.autograd.graph.save_on_cpu():
+        out = offloaded(x)
+    out.square().sum().backward()
+    plain(x).square().sum().backward()
+    _assert_equal([p.grad for p in offloaded.parameters()], [p.grad for p in plain.parameters()])
