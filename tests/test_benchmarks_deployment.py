@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import deployment
+from benchmarks import conv_kernels, deployment
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -35,3 +35,13 @@ def test_deployment_benchmark_smoke(tmp_path):
     # INT4 codes make the opset-21 QDQ file smaller than the int8 one.
     for model in ("SmallCNN (digits 32x32)", "BERT (digits as tokens)"):
         assert float(rows[(model, "QDQ")][2]) < float(rows[(model, "QDQ int8")][2])
+
+
+def test_conv_kernels_benchmark_smoke(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    assert conv_kernels.main(["--shapes", "8x6", "--batch-size", "2", "--rounds", "2", "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "<!-- begin conv-kernels -->" in text and "python -m benchmarks.conv_kernels --shapes 8x6" in text
+    rows = _rows(text)[1:]
+    assert [r[1] for r in rows] == list(conv_kernels.VARIANTS)
+    assert rows[0][3] == "1.00x" and all(float(r[2]) > 0 for r in rows)
