@@ -15,6 +15,10 @@ backward is the composed one's, term for term) but keep only what that backward 
   (checkpointed by the callbacks, so that a resumed run draws the noise an uninterrupted
   one draws) moves only in forward. Histogram noise is kept (4 bytes per element).
 
+Their outputs need not be kept either: inside `recomputed_outputs`, where the fake-quantized
+layers run, the layer's maths save a recipe instead of the quantized tensor and backward
+computes it again (`kept_fake_quant_outputs` turns that off).
+
 They run eagerly: under ``torch.compile`` the composed functions are used, which the
 compiler fuses itself (`use_fused`). The composed functions stay the reference the tests
 compare these with.
@@ -113,10 +117,17 @@ def _hard_output(x: Tensor, alpha: Tensor, bits: Tensor, zero_point: Optional[Te
 
 
 def _noise_output(
-    x: Tensor, noise: Tensor, alpha: Tensor, bits: Tensor, zero_point: Optional[Tensor], signed: bool, code: bool = True
+    xc: Tensor,
+    dtype: torch.dtype,
+    noise: Tensor,
+    alpha: Tensor,
+    bits: Tensor,
+    zero_point: Optional[Tensor],
+    signed: bool,
+    code: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """The noise proxy's output in ``x``'s dtype and (``code=True``) the one-byte code of where ``x`` lies against its range."""
-    xc = x.to(_compute_dtype(x))
+    """The noise proxy's output, as ``dtype``, of ``xc`` (the input in its compute dtype) and (``code``) the one-byte
+    code of where it lies against the range."""
     step, lower = _noise_bounds(alpha, bits, signed, zero_point)
     out = torch.clamp(xc, min=lower, max=alpha)
     if code:
@@ -128,7 +139,7 @@ def _noise_output(
     else:  # the same mask, for a recomputation that needs no code
         inside = (xc > lower).logical_and_(xc < alpha)
     term = inside.to(xc.dtype).mul_(noise).mul_(step)
-    return out.add_(term).to(x.dtype), where if code else None
+    return out.add_(term).to(dtype), where if code else None
 
 
 class _Draw:
@@ -215,8 +226,9 @@ class _NoiseFakeQuant(torch.autograd.Function):
         # draw: where the noise comes from (see fused_noise_fake_quant); backward draws it
         # again. None: the noise is kept.
         ctx.draw = draw
-        noise = sample_noise(kind, x.to(_compute_dtype(x)), alpha, bits, signed, generator, zero_point)
-        out, code = _noise_output(x, noise, alpha, bits, zero_point, signed)
+        xc = x.to(_compute_dtype(x))
+        noise = sample_noise(kind, xc, alpha, bits, signed, generator, zero_point)
+        out, code = _noise_output(xc, x.dtype, noise, alpha, bits, zero_point, signed, code=True)
         ctx.signed, ctx.x_shape, ctx.x_dtype = signed, x.shape, x.dtype
         ctx.save_for_backward(code, alpha, bits, zero_point, None if draw is not None else noise)
         return out
@@ -449,7 +461,8 @@ def fused_noise_fake_quant(
         def again(x_again: Tensor) -> Tensor:
             noise = draw.again(x_again)
             draw.left = noise  # for the function's backward, which runs next
-            return _noise_output(x_again, noise, *constants, code=False)[0]
+            xc = x_again.to(_compute_dtype(x_again))
+            return _noise_output(xc, x_again.dtype, noise, *constants, code=False)[0]
 
         _offer(out, x, again)
     return out
