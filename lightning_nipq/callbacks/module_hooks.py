@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional, TypeVar
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_nipq.saving.checkpoint import NIPQCheckpointMixin, prepare_for_checkpoint, seal_manifest
@@ -42,6 +43,20 @@ def wrap_method(
                 setattr(module, name, previous)
 
     return undo
+
+
+def keep_logging_eager(pl_module: LightningModule) -> Optional[Callable[[], None]]:
+    """Run ``self.log`` eagerly in a module Lightning compiled (``trainer.fit(torch.compile(model))``); returns the undo.
+
+    Lightning compiles ``training_step``, and ``self.log`` there inspects the compiled method's
+    signature. Dynamo from torch 2.12 traces that inspection and fails ("'method' object has no
+    attribute '__dict__'", Lightning issue 21836), which Lightning 2.6.6 and earlier do not
+    avoid. Logging is bookkeeping outside the graph either way; this does for the instance
+    what Lightning's fix does for the class. None where the module is not compiled.
+    """
+    if getattr(pl_module, "_compiler_ctx", None) is None:
+        return None
+    return wrap_method(pl_module, "log", torch.compiler.disable)
 
 
 def install_load_hook(pl_module: LightningModule) -> Optional[Callable[[], None]]:

@@ -15,7 +15,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_nipq.callbacks.module_hooks import install_load_hook, remove_pending_seal, seal_when_saved, wrap_method
+from lightning_nipq.callbacks.module_hooks import (
+    install_load_hook,
+    keep_logging_eager,
+    remove_pending_seal,
+    seal_when_saved,
+    wrap_method,
+)
 from lightning_nipq.callbacks.strategy_support import check_strategy, spawns_processes
 from lightning_nipq.layers.attach import attach_quantizers, check_input_choice, check_products_choice
 from lightning_nipq.layers.model_walk import check_patterns, product_quantizers, quantized_layers, quantized_products, quantizers
@@ -141,9 +147,9 @@ class QuantizationAwareTraining(Callback):
         check_strategy(trainer.strategy, name)
         # Any stage may restore a checkpoint (fit resuming, validate/test with ckpt_path):
         # rebuild the layers it holds before Lightning loads its state dict.
-        undo = install_load_hook(pl_module)
-        if undo is not None:
-            self._undo.append(undo)
+        for undo in (install_load_hook(pl_module), keep_logging_eager(pl_module)):
+            if undo is not None:
+                self._undo.append(undo)
         if stage != "fit":
             return
         if spawns_processes(trainer.strategy):

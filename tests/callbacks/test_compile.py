@@ -225,3 +225,26 @@ def test_inductor_compiled_training_steps_match_eager_ones() -> None:
         assert torch.allclose(eager_out, compiled_out, rtol=1e-5, atol=1e-6)
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(eager_grads, compiled_grads))
     assert _graph_breaks() == {}
+
+
+class LoggingMLP(MLP):
+    """The test MLP with what nearly every LightningModule does: ``self.log`` in ``training_step``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_a_compiled_module_that_logs_in_training_step_trains() -> None:
+    # torch 2.12+ Dynamo fails on the signature check inside self.log (Lightning issue 21836);
+    # the callback runs the module's log eagerly while it is attached.
+    torch.manual_seed(0)
+    model = LoggingMLP()
+    nipq = NIPQCallback(target_bits=4, hard_epochs=1, calibration_batches=1)
+    trainer = fast_trainer(2, [nipq], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(torch.compile(model, backend=BACKEND), loader(blobs(64), batch_size=32))
+    assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert any(True for _ in quantized_layers(model))
+    assert "log" not in vars(model)  # the instance is as it was once fit ends
