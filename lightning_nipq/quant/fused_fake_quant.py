@@ -363,8 +363,8 @@ def recomputed_outputs() -> Iterator[None]:
     output again, to the bit, without moving any generator. Other saved tensors, and that
     float input, go through the saved-tensor hooks active outside the block, if any. Modifying
     the float input in place before backward raises, as autograd does for a saved tensor.
-    Does nothing under ``torch.compile`` (whose partitioner recomputes elementwise work
-    itself), without autograd, where saved-tensor hooks are disabled, or inside
+    Does nothing under ``torch.compile`` (what compiled code saves is the partitioner's
+    choice), without autograd, where saved-tensor hooks are disabled, or inside
     `kept_fake_quant_outputs`.
     """
     if _offers.open is not None or not _can_recompute():
