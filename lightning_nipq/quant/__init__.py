@@ -8,6 +8,7 @@ from lightning_nipq.quant.granularity import check_granularity, grouped_view, ra
 from lightning_nipq.quant.lsq_quantizer import LSQConfig, LSQQuantizer
 from lightning_nipq.quant.methods import QUANTIZER_METHODS, QuantizerFactory, quantizer_from_state
 from lightning_nipq.quant.nipq_quantizer import NIPQConfig, NIPQQuantizer
+from lightning_nipq.quant.noise import counter_noise, counter_uniform_noise
 from lightning_nipq.quant.observers import RangeObserver
 from lightning_nipq.quant.range_search import choose_alpha, quantization_mse, weight_ranges
 
@@ -25,6 +26,8 @@ __all__ = [
     "RangeObserver",
     "check_granularity",
     "choose_alpha",
+    "counter_noise",
+    "counter_uniform_noise",
     "grouped_view",
     "hard_fake_quant",
     "integer_codes",

@@ -36,7 +36,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_nipq.quant.fake_quant import _clamp_unit, code_grid
-from lightning_nipq.quant.noise import NOISE_KINDS, sample_noise, uniform_noise
+from lightning_nipq.quant.noise import (
+    NOISE_KINDS,
+    counter_noise_enabled,
+    counter_uniform_noise,
+    draw_noise_key,
+    sample_noise,
+    uniform_noise,
+)
 
 # Where an element lies against the noise proxy's range, one byte per element: the number of
 # the comparisons x >= lower, x > lower, x >= alpha, x > alpha that hold.
@@ -151,6 +158,8 @@ class _Draw:
 
     def __init__(self, rng_state: Tensor, device: torch.device) -> None:
         self.rng_state, self.device = rng_state, device
+        # Drawn as `sample_noise` drew it: from the stream, or counter-based (`counter_noise`).
+        self.counter = counter_noise_enabled()
         self.left: Optional[Tensor] = None
 
     def again(self, like: Tensor) -> Tensor:
@@ -160,6 +169,8 @@ class _Draw:
             return noise
         generator = torch.Generator(device=self.device)
         generator.set_state(self.rng_state)
+        if self.counter:
+            return counter_uniform_noise(like, draw_noise_key(generator, like.device))
         return uniform_noise(like, generator)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, Optional
 
 import torch
@@ -33,6 +36,93 @@ def uniform_noise(like: Tensor, generator: Optional[torch.Generator] = None) -> 
     # random_ fills [0, 2**63): the top bit of each word is 0, so every 16-bit piece keeps its low 15 bits.
     samples = words.view(torch.int16)[:numel].bitwise_and(NOISE_LEVELS - 1)
     return samples.to(torch.float32).mul_(1.0 / NOISE_LEVELS).add_(0.5 / NOISE_LEVELS - 0.5).view(like.shape)
+
+
+# ---------------------------------------------------------------------- counter-based noise
+# Compiled code cannot fuse a draw from a torch.Generator into its kernels: the draw stays an
+# opaque call that writes the noise to memory, and the compiler keeps that tensor for
+# backward. Counter-based noise is a pure function of a small key and each element's index,
+# so the kernel that quantizes computes it in registers, and anything that needs it again
+# (backward) computes it again. The key comes from the quantizer's generator (two 31-bit
+# integers per draw), so the noise still follows the checkpointed generator and a resumed
+# run draws what an uninterrupted one draws.
+
+#: Counter-based noise takes one of this many evenly spaced values in (-0.5, 0.5): 23 bits of the hash.
+COUNTER_NOISE_LEVELS = 1 << 23
+_MIX_1 = 0x7FEB352D
+_MIX_2 = 0x846CA68B - (1 << 32)  # the 32-bit constant as int32: products wrap modulo 2**32 either way
+
+
+def _mix(h: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash (xor-shift and multiply rounds) of int32 ``h``.
+
+    Right shifts of int32 are arithmetic, so each is masked to the bits a logical shift keeps.
+    Written out of plain tensor operations, which eager torch and the compilers compute alike.
+    """
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _MIX_1
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _MIX_2
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def draw_noise_key(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """Two random integers in ``[0, 2**31)`` (int32, on ``device``) from ``generator`` (None: torch's own): the key
+    of one counter-based draw."""
+    return torch.empty((2,), dtype=torch.int32, device=device).random_(generator=generator)
+
+
+def counter_uniform_noise(like: Tensor, key: Tensor) -> Tensor:
+    """``U(-0.5, 0.5)`` noise shaped like ``like`` (float32), a function of ``key`` and each element's index only.
+
+    ``key`` holds two int32 (`draw_noise_key`). Element ``i`` takes
+    ``(k + 0.5) / 2**23 - 0.5`` for ``k`` 23 bits of ``mix(i * (2 * key[0] + 1) + key[1])``
+    (modulo ``2**32``): the same values wherever and however often it is computed, so
+    compiled code fuses it into the quantizer's kernel and backward recomputes it instead of
+    keeping it. The key picks an odd multiplier and an offset, so two keys walk the hash's
+    inputs along different strides: another key's sequence is not this one shifted by a few
+    elements, as with an offset alone. At most ``2**31 - 1`` elements.
+    """
+    numel = like.numel()
+    torch._check(numel < 2**31, lambda: f"counter-based noise covers at most 2**31 - 1 elements, got {numel}")
+    key = key.to(device=like.device, dtype=torch.int32)
+    index = torch.arange(numel, dtype=torch.int32, device=like.device)
+    # One round of the hash: the compiler traces each use of an intermediate separately
+    # (xor-shifts use theirs twice), so every further round would multiply its compile
+    # time by eight.
+    h = _mix(index * (key[0] * 2 + 1) + key[1])
+    levels = ((h >> 8) & (COUNTER_NOISE_LEVELS - 1)).to(torch.float32)
+    # Both steps are exact in float32, so fused (multiply-add) and separate arithmetic agree.
+    return (levels * (1.0 / COUNTER_NOISE_LEVELS) + (0.5 / COUNTER_NOISE_LEVELS - 0.5)).view(like.shape)
+
+
+class _CounterNoise(threading.local):
+    enabled = False
+
+
+_counter = _CounterNoise()
+
+
+@contextmanager
+def counter_noise() -> Iterator[None]:
+    """Inside the block, eager quantizers draw uniform noise as compiled ones do: counter-based.
+
+    Code under ``torch.compile`` always draws uniform noise with `counter_uniform_noise`
+    (the compiler fuses it); eager code draws it from the generator's stream, which costs
+    fewer elementwise passes there. Both are uniform and follow the quantizer's generator.
+    In this block eager steps draw, from the same generator state, exactly the noise compiled
+    steps draw: to check a compiled run against an eager one, step for step.
+    """
+    before, _counter.enabled = _counter.enabled, True
+    try:
+        yield
+    finally:
+        _counter.enabled = before
+
+
+def counter_noise_enabled() -> bool:
+    """Whether eager uniform draws are counter-based here (`counter_noise`)."""
+    return _counter.enabled
 
 
 def histogram_noise(
@@ -71,6 +161,8 @@ def sample_noise(
 ) -> Tensor:
     """Noise of ``kind`` shaped like ``x``; the histogram imitates the rounding error of the grid (``zero_point``: see `fake_quant`)."""
     if kind == "uniform":
+        if _counter.enabled:
+            return counter_uniform_noise(x, draw_noise_key(generator, x.device))
         return uniform_noise(x, generator)
     if kind == "histogram":
         return histogram_noise(x, alpha, bits, signed, generator, zero_point)
@@ -80,10 +172,13 @@ def sample_noise(
 # ---------------------------------------------------------------------- under torch.compile
 # Dynamo cannot put a ``torch.Generator`` into a graph: ``torch.rand(..., generator=g)``
 # breaks the graph at every quantizer. Inside compiled code the draws therefore go through
-# a custom op that names the generator by a registered key, so the noise still comes from
-# the callback's generator (checkpointed, resumable) and equals the eager draws. The op
-# mutates a shared "order" token: that chains the draws in program order and keeps the
-# compiler from merging, reordering or recomputing them (each call advances the generator).
+# custom ops that name the generator by a registered key, so the noise still comes from the
+# callback's generator (checkpointed, resumable). Uniform noise is counter-based there: the
+# op draws only its key, and the compiler fuses the noise itself into the quantizer's
+# kernel; eager code inside `counter_noise` draws the same. Histogram noise is drawn whole
+# by the op and equals the eager draw. The ops mutate a shared "order" token: that chains
+# the draws in program order and keeps the compiler from merging, reordering or recomputing
+# them (each call advances the generator).
 
 #: Key of "no generator": torch's default one.
 GLOBAL_RNG_KEY = -1
@@ -141,12 +236,24 @@ def _fake_noise(
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
+def _key_registered(on: Tensor, generator_key: int, order: Tensor) -> Tensor:
+    order.add_(1)
+    return draw_noise_key(_registered(generator_key), on.device)
+
+
+def _fake_key(on: Tensor, generator_key: int, order: Tensor) -> Tensor:
+    return torch.empty((2,), dtype=torch.int32, device=on.device)
+
+
 _custom_op = getattr(torch.library, "custom_op", None)  # torch >= 2.4
 if _custom_op is not None:
     _noise_op = _custom_op("lightning_nipq::sample_noise", mutates_args=("order",))(_sample_registered)
     _noise_op.register_fake(_fake_noise)
+    _key_op = _custom_op("lightning_nipq::draw_noise_key", mutates_args=("order",))(_key_registered)
+    _key_op.register_fake(_fake_key)
 else:  # older torch: the draw stays a graph break
     _noise_op = _sample_registered
+    _key_op = _key_registered
 
 
 def sample_noise_compilable(
@@ -161,12 +268,13 @@ def sample_noise_compilable(
 ) -> Tensor:
     """`sample_noise` for code under ``torch.compile``, from the generator registered as ``generator_key``.
 
+    Uniform noise is `counter_uniform_noise` with a key the op draws from the generator;
     ``x``, ``alpha`` and ``bits`` are only read (their gradients are not needed), so they
-    are detached before they reach the opaque op.
+    are detached before they reach the opaque ops.
     """
-    if kind == "uniform" and generator_key == GLOBAL_RNG_KEY:
-        # torch's own RNG is traceable, but not Tensor.random_: compiled code draws from the
-        # compiler's RNG anyway, so the float draw is as good here.
-        return torch.rand(x.shape, device=x.device, dtype=torch.float32) - 0.5
+    if kind == "uniform":
+        # The op takes the range only for its device: given x, the compiler would have to
+        # write x to memory before the call instead of fusing x's producer with the quantizer.
+        return counter_uniform_noise(x, _key_op(alpha.detach(), generator_key, order))
     zp = None if zero_point is None else zero_point.detach()
     return _noise_op(kind, x.detach(), alpha.detach(), bits.detach(), signed, generator_key, order, zp)

@@ -9,6 +9,7 @@ takes minutes on two cores. One slow test runs Inductor.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import pytest
@@ -22,6 +23,7 @@ from torch.nn import functional as F
 
 from lightning_nipq import HardQuantize, NIPQCallback, attach_quantizers
 from lightning_nipq.layers import IntegerLayerMixin, calibrate_activations, quantized_layers, quantizers
+from lightning_nipq.quant import counter_noise, counter_uniform_noise
 
 BACKEND = "aot_eager"
 
@@ -112,7 +114,8 @@ def test_layers_switching_one_by_one_in_the_anneal_cost_one_compile_not_one_per_
 @pytest.mark.parametrize("blend", [False, True], ids=["specialised", "blended"])
 @pytest.mark.parametrize("hard", [False, True], ids=["noise", "hard"])
 def test_compiled_steps_draw_the_same_noise_from_the_generator_as_eager_steps(hard: bool, blend: bool) -> None:
-    """Compiled and eager steps from the same generator state: same outputs, gradients and generator state after.
+    """Compiled steps and eager steps drawing counter-based noise (`counter_noise`), from the same generator
+    state: same outputs, gradients and generator state after.
 
     With ``blend_modes`` (the anneal), compiled code draws noise for hard layers too, so only the
     all-noise and all-hard settings match eager draw for draw; mixed settings are covered above.
@@ -124,7 +127,8 @@ def test_compiled_steps_draw_the_same_noise_from_the_generator_as_eager_steps(ha
     runs = {}
     for name, forward in (("eager", model), ("compiled", compiled)):
         generator = _use_generator(model, seed=123)
-        steps = [_step(forward, model, x, y) for _ in range(2)]
+        with counter_noise() if name == "eager" else nullcontext():
+            steps = [_step(forward, model, x, y) for _ in range(2)]
         runs[name] = steps, generator.get_state()
     (eager_steps, eager_state), (compiled_steps, compiled_state) = runs["eager"], runs["compiled"]
     for (eager_out, eager_grads), (compiled_out, compiled_grads) in zip(eager_steps, compiled_steps):
@@ -135,9 +139,24 @@ def test_compiled_steps_draw_the_same_noise_from_the_generator_as_eager_steps(ha
     assert not torch.equal(eager_steps[0][0], eager_steps[1][0]) or hard, "noise differs from step to step"
 
 
+def test_eager_steps_outside_counter_noise_draw_other_noise_from_the_same_generator() -> None:
+    """Eager code draws uniform noise from the generator's stream unless `counter_noise` is on: other values, same
+    distribution, and the step still follows the generator (the same state gives the same step)."""
+    model, x, y = _calibrated_mlp()
+    outputs = {}
+    for name, context in (("stream", nullcontext), ("counter", counter_noise), ("stream again", nullcontext)):
+        _use_generator(model, seed=123)
+        with context():
+            outputs[name] = _step(model, model, x, y)[0]
+    assert torch.equal(outputs["stream"], outputs["stream again"])
+    assert not torch.equal(outputs["stream"], outputs["counter"])
+    assert torch.allclose(outputs["stream"], outputs["counter"], atol=0.5), "the same model, other noise"
+
+
 def test_histogram_noise_compiles_without_graph_breaks_and_matches_eager() -> None:
     # The histogram sampler is data-dependent (boolean masks, an all-clipped fallback); it runs
-    # inside the noise op, so the graph does not see it.
+    # inside the noise op, so the graph does not see it. The stochastic bits' uniform draws are
+    # counter-based in compiled code: the eager step draws them so too.
     model, x, y = _calibrated_mlp()
     for _, q in quantizers(model):
         q.noise = "histogram"
@@ -145,7 +164,8 @@ def test_histogram_noise_compiles_without_graph_breaks_and_matches_eager() -> No
     runs = []
     for forward in (model, compiled):
         generator = _use_generator(model, seed=5)
-        runs.append((_step(forward, model, x, y), generator.get_state()))
+        with counter_noise():
+            runs.append((_step(forward, model, x, y), generator.get_state()))
     ((eager_out, eager_grads), eager_state), ((compiled_out, compiled_grads), compiled_state) = runs
     assert torch.equal(eager_out, compiled_out) and torch.equal(eager_state, compiled_state)
     assert all(torch.equal(a, b) for a, b in zip(eager_grads, compiled_grads))
@@ -219,12 +239,22 @@ def test_inductor_compiled_training_steps_match_eager_ones() -> None:
         runs = []
         for forward in (model, compiled):
             generator = _use_generator(model, seed=7)
-            runs.append((_step(forward, model, x, y), generator.get_state()))
+            with counter_noise():  # for the eager step; compiled code draws counter-based noise anyway
+                runs.append((_step(forward, model, x, y), generator.get_state()))
         ((eager_out, eager_grads), eager_state), ((compiled_out, compiled_grads), compiled_state) = runs
         assert torch.equal(eager_state, compiled_state)
         assert torch.allclose(eager_out, compiled_out, rtol=1e-5, atol=1e-6)
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(eager_grads, compiled_grads))
     assert _graph_breaks() == {}
+
+
+@pytest.mark.slow
+def test_inductor_computes_counter_noise_to_the_bit_as_eager_torch_does() -> None:
+    # Integer arithmetic that wraps, shifts of negative int32, and a float conversion: the
+    # compiled kernel (vectorised, with a scalar tail: 1001 elements) must agree bit for bit.
+    key = torch.tensor([-5, 2**31 - 1], dtype=torch.int32)
+    like = torch.empty(7, 11, 13)
+    assert torch.equal(torch.compile(counter_uniform_noise)(like, key), counter_uniform_noise(like, key))
 
 
 class LoggingMLP(MLP):

@@ -12,7 +12,7 @@ from lightning_nipq.layers.model_walk import quantizers
 from lightning_nipq.quant.fake_quant import code_grid, hard_fake_quant, noise_fake_quant, zero_point
 from lightning_nipq.quant.fused_fake_quant import fused_hard_fake_quant, fused_noise_fake_quant, kept_fake_quant_outputs
 from lightning_nipq.quant.granularity import grouped_view
-from lightning_nipq.quant.noise import sample_noise
+from lightning_nipq.quant.noise import counter_noise, sample_noise
 
 # (x's shape, alpha's shape): per tensor, per output channel of a conv weight, per group of 8
 # of a (4, 24) weight in its grouped view.
@@ -81,18 +81,21 @@ def test_hard_matches_the_composed_function_on_edges_and_ties(layout, grid, bits
 @pytest.mark.parametrize("bits", [3.0, 3.3])
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_noise_matches_the_composed_function_with_the_same_draw(layout, grid, bits):
+@pytest.mark.parametrize("source", ["stream", "counter"])
+def test_noise_matches_the_composed_function_with_the_same_draw(layout, grid, bits, source):
     x, alpha, b, signed, zp = _case(layout, grid, bits)
     assert (x == alpha).any() and (x == -alpha).any()
     ref_in, fused_in = _leaves(x, alpha, b), _leaves(x, alpha, b)
     gen = torch.Generator().manual_seed(7)
-    noise = sample_noise("uniform", x, alpha, b, signed, gen, zp)
-    ref = noise_fake_quant(*ref_in, signed, noise, zp)
-    gen.manual_seed(7)
-    fused = fused_noise_fake_quant(*fused_in, signed, "uniform", gen, zp)
+    with counter_noise() if source == "counter" else contextlib.nullcontext():
+        noise = sample_noise("uniform", x, alpha, b, signed, gen, zp)
+        ref = noise_fake_quant(*ref_in, signed, noise, zp)
+        gen.manual_seed(7)
+        fused = fused_noise_fake_quant(*fused_in, signed, "uniform", gen, zp)
     after_forward = gen.get_state()
     assert torch.equal(fused, ref)
-    # Backward draws the noise again, from its own copy of the state: the gradients to
+    # Backward draws the noise again, from its own copy of the state (as forward drew it,
+    # from the stream or counter-based, whatever holds when backward runs): the gradients to
     # alpha and bits (which read the noise) are the reference's, and gen has not moved.
     _assert_equal(_grads(fused, fused_in), _grads(ref, ref_in))
     assert torch.equal(gen.get_state(), after_forward)
@@ -294,13 +297,17 @@ def _step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, keep: boo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method, mode", [("nipq", "noise"), ("nipq", "hard"), ("lsq", "hard")])
-def test_layers_recompute_their_quantized_input_in_backward_to_the_bit(method, mode, dtype):
+@pytest.mark.parametrize(
+    "method, mode, source",
+    [("nipq", "noise", "stream"), ("nipq", "noise", "counter"), ("nipq", "hard", "stream"), ("lsq", "hard", "stream")],
+)
+def test_layers_recompute_their_quantized_input_in_backward_to_the_bit(method, mode, source, dtype):
     config = LSQConfig() if method == "lsq" else NIPQConfig()
     x = torch.randn(32, 3, 8, 8)
     recomputed, kept = _quantized_convs(config, mode), _quantized_convs(config, mode)
-    out, grads, held, states = _step(recomputed, x, dtype, keep=False)
-    ref_out, ref_grads, ref_held, ref_states = _step(kept, x, dtype, keep=True)
+    with counter_noise() if source == "counter" else contextlib.nullcontext():
+        out, grads, held, states = _step(recomputed, x, dtype, keep=False)
+        ref_out, ref_grads, ref_held, ref_states = _step(kept, x, dtype, keep=True)
     assert torch.equal(out, ref_out)
     assert len(grads) == len(ref_grads) >= 7  # the input, weights and biases, ranges (and bits)
     _assert_equal(grads, ref_grads)
