@@ -36,14 +36,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_nipq.quant.fake_quant import _clamp_unit, code_grid
-from lightning_nipq.quant.noise import (
-    NOISE_KINDS,
-    counter_noise_enabled,
-    counter_uniform_noise,
-    draw_noise_key,
-    sample_noise,
-    uniform_noise,
-)
+from lightning_nipq.quant.noise import NOISE_KINDS, counter_noise_enabled, sample_noise, uniform_draw
 
 # Where an element lies against the noise proxy's range, one byte per element: the number of
 # the comparisons x >= lower, x > lower, x >= alpha, x > alpha that hold.
@@ -169,9 +162,7 @@ class _Draw:
             return noise
         generator = torch.Generator(device=self.device)
         generator.set_state(self.rng_state)
-        if self.counter:
-            return counter_uniform_noise(like, draw_noise_key(generator, like.device))
-        return uniform_noise(like, generator)
+        return uniform_draw(like, generator, self.counter)
 
 
 class _HardFakeQuant(torch.autograd.Function):

@@ -125,6 +125,13 @@ def counter_noise_enabled() -> bool:
     return _counter.enabled
 
 
+def uniform_draw(like: Tensor, generator: Optional[torch.Generator], counter: bool) -> Tensor:
+    """Uniform noise shaped like ``like`` from ``generator``: counter-based (a key drawn from it), or from its stream."""
+    if counter:
+        return counter_uniform_noise(like, draw_noise_key(generator, like.device))
+    return uniform_noise(like, generator)
+
+
 def histogram_noise(
     x: Tensor,
     alpha: Tensor,
@@ -161,9 +168,7 @@ def sample_noise(
 ) -> Tensor:
     """Noise of ``kind`` shaped like ``x``; the histogram imitates the rounding error of the grid (``zero_point``: see `fake_quant`)."""
     if kind == "uniform":
-        if _counter.enabled:
-            return counter_uniform_noise(x, draw_noise_key(generator, x.device))
-        return uniform_noise(x, generator)
+        return uniform_draw(x, generator, _counter.enabled)
     if kind == "histogram":
         return histogram_noise(x, alpha, bits, signed, generator, zero_point)
     raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
