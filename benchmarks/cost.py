@@ -34,6 +34,7 @@ from benchmarks.reporting import DOC_PATH, command_line, environment, markdown_t
 from lightning_nipq import LSQCallback, NIPQCallback
 from lightning_nipq.callbacks.module_hooks import wrap_method
 from lightning_nipq.quant.fused_fake_quant import composed_fake_quant, kept_fake_quant_outputs
+from lightning_nipq.training import MaskRecomputingPartitioner
 
 # The hard-phase variant freezes bits at the first step, far above the target: expected here.
 warnings.filterwarnings("ignore", ".*learned average bits.*")
@@ -44,6 +45,10 @@ VARIANTS = ("float", "NIPQ noise", "NIPQ hard", "LSQ")
 KEPT = " (kept)"
 COMPOSED = " (composed)"
 REFERENCES = {KEPT: kept_fake_quant_outputs, COMPOSED: composed_fake_quant}
+#: Compiled variants run with `MaskRecomputingPartitioner` (what the user guide recommends); these
+#: run with torch's default partition, which keeps boolean masks for backward, for comparison.
+MASKS_SAVED = " (masks saved)"
+MASKS_SAVED_VARIANTS = ("float", "NIPQ noise")
 
 
 class StepCost(Callback):
@@ -118,12 +123,18 @@ def callbacks_for(variant: str, bits: int) -> list[Callback]:
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def measure(variant: str, args: argparse.Namespace, loader: DataLoader, compiled: bool) -> StepCost:
+def measure(variant: str, args: argparse.Namespace, loader: DataLoader, compiled: bool, masks_saved: bool = False) -> StepCost:
     for suffix, reference in REFERENCES.items():
         if variant.endswith(suffix):
             with reference():
-                return measure(variant[: -len(suffix)], args, loader, compiled)
+                return measure(variant[: -len(suffix)], args, loader, compiled, masks_saved)
+    if variant.endswith(MASKS_SAVED):
+        return measure(variant[: -len(MASKS_SAVED)], args, loader, compiled, masks_saved=True)
     seed_everything(0, verbose=False)
+    if compiled:
+        # Every variant compiles afresh: Dynamo's cache per code object would otherwise fill up
+        # across variants (the same model classes) and fall back to eager past its limit.
+        torch._dynamo.reset()
     model = make_model(args.model, args.image_size, args.channels)
     timer = StepCost(args.warmup)
     trainer = Trainer(
@@ -141,7 +152,8 @@ def measure(variant: str, args: argparse.Namespace, loader: DataLoader, compiled
     if compiled and variant == "float":
         # The quantized variants' callbacks keep self.log out of Dynamo (Lightning issue 21836); this one has none.
         wrap_method(model, "log", torch.compiler.disable)
-    trainer.fit(torch.compile(model) if compiled else model, train_dataloaders=loader)
+    options = {} if masks_saved else {"custom_partitioner_fn": MaskRecomputingPartitioner()}
+    trainer.fit(torch.compile(model, options=options) if compiled else model, train_dataloaders=loader)
     del trainer, model
     gc.collect()
     if args.device == "cuda":
@@ -197,19 +209,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     references = [v + suffix for suffix in REFERENCES for v in VARIANTS if v != "float"] if args.reference else []
     variants = list(VARIANTS) + references
     for compiled in modes:
-        measured: dict[str, list[StepCost]] = {variant: [] for variant in variants}
+        mode_variants = variants + ([v + MASKS_SAVED for v in MASKS_SAVED_VARIANTS] if compiled else [])
+        measured: dict[str, list[StepCost]] = {variant: [] for variant in mode_variants}
         for repeat in range(args.repeats):  # interleaved, so that load drifting over the run hits every variant
-            for variant in variants:
+            for variant in mode_variants:
                 cost = measure(variant, args, loader, compiled)
                 measured[variant].append(cost)
                 tag = f"{' (compiled)' if compiled else '':11s} repeat {repeat}"
                 print(f"{variant:24s}{tag} median step {1000 * cost.median:8.2f} ms", flush=True)
         # Each repeat's ratio to the float step of the same repeat; the median ratio, and its range.
         for variant, costs in measured.items():
-            ratios = [c.median / f.median for c, f in zip(costs, measured["float"])]
+            # Each against the float step compiled the same way.
+            base = measured["float" + (MASKS_SAVED if variant.endswith(MASKS_SAVED) else "")]
+            ratios = [c.median / f.median for c, f in zip(costs, base)]
             spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
             memory = statistics.median(c.memory_bytes for c in costs)
-            base_memory = statistics.median(c.memory_bytes for c in measured["float"])
+            base_memory = statistics.median(c.memory_bytes for c in base)
             rows.append(
                 [
                     variant + (" (torch.compile)" if compiled else ""),
@@ -244,6 +259,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"backward (what the package ran before it recomputed them there), rows marked{COMPOSED} the composed "
             "fake-quantization functions (what it ran before the fused ones), for comparison"
             if args.reference
+            else ""
+        )
+        + (
+            ". Compiled rows compile with `options={\"custom_partitioner_fn\": MaskRecomputingPartitioner()}`; rows "
+            f"marked{MASKS_SAVED} with torch's default partition, and take their ratios to the float step compiled "
+            "that way"
+            if args.compile
             else ""
         )
         + f".\n\n{text}"
