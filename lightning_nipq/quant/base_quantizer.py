@@ -37,6 +37,38 @@ LAYOUT_KEYS: tuple[str, ...] = ("granularity", "range_shape")
 ZERO_POINT_KEYS: tuple[str, ...] = ("zero_point", "negative_share")
 
 
+def logistic_bit_width(logit: Tensor, low: Union[float, Tensor], high: Union[float, Tensor]) -> Tensor:
+    """Learned bits ``low + (high - low) * sigmoid(logit)``: in ``(low, high)`` whatever the logit (see `BaseQuantizer.logistic_bits`).
+
+    ``logit`` is one quantizer's or, with ``low`` and ``high`` tensors alike, a vector of them.
+    """
+    return low + (high - low) * torch.sigmoid(logit)
+
+
+def whole_bits(bits: Tensor, lowest: Union[int, Tensor], highest: Union[int, Tensor]) -> Tensor:
+    """``bits`` rounded to whole bits within ``[lowest, highest]``, with a straight-through gradient (`BaseQuantizer.bits`)."""
+    return torch.clamp(round_ste(bits), lowest, highest)
+
+
+#: A common shift of the bit logits smaller than this is the budget search's own resolution,
+#: not a move: `shift_logits` leaves the logits as they are.
+SHIFT_RESOLUTION = 1e-6
+
+
+@torch.no_grad()
+def shift_logits(logits: list[Tensor], delta: Tensor) -> None:
+    """Lower each of ``logits`` (parameters, in place) by ``delta``, unless ``|delta|`` is below `SHIFT_RESOLUTION`."""
+    if not logits:
+        return
+    delta = delta.to(logits[0].device, torch.float32)
+    delta = torch.where(delta.abs() < SHIFT_RESOLUTION, torch.zeros_like(delta), delta)
+    by_dtype: dict[torch.dtype, Tensor] = {}
+    for logit in logits:
+        if logit.dtype not in by_dtype:
+            by_dtype[logit.dtype] = delta.to(logit.dtype)
+        logit.sub_(by_dtype[logit.dtype])
+
+
 @torch.compiler.disable
 def _observe(observer: Any, quantizer: "BaseQuantizer", x: Tensor) -> None:
     # Calibration keeps Python statistics; traced, every value would be a guard and a
@@ -232,7 +264,13 @@ class BaseQuantizer(nn.Module):
         return max(self.max_bits, self.lowest_bits)
 
     def _whole_bits(self, bits: Tensor) -> Tensor:
-        return torch.clamp(round_ste(bits), self.lowest_bits, self.highest_bits)
+        return whole_bits(bits, self.lowest_bits, self.highest_bits)
+
+    def frozen_whole_bits(self) -> Optional[int]:
+        """The whole bits `bits` gives once frozen, as a Python integer without tensor work; None while they learn."""
+        if self.frozen_bits is None:
+            return None
+        return min(max(self.frozen_bits, self.lowest_bits), self.highest_bits)
 
     def bits(self, stochastic: bool = False) -> Tensor:
         """Whole bits with a straight-through gradient to the continuous bits."""
@@ -240,7 +278,8 @@ class BaseQuantizer(nn.Module):
 
     def rounded_bits(self) -> int:
         """The bit-width eval mode uses now, as a Python integer."""
-        return int(self.bits().detach().item())
+        frozen = self.frozen_whole_bits()
+        return frozen if frozen is not None else int(self.bits().detach().item())
 
     def logistic_bits(self) -> tuple[Tensor, float, float]:
         """``(logit, low, high)`` with the learned bits ``low + (high - low) * sigmoid(logit)``.

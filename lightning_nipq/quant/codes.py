@@ -29,12 +29,19 @@ def num_levels(bits: int, signed: bool) -> int: ...
 def num_levels(bits: Tensor, signed: bool) -> Tensor: ...
 
 
-def num_levels(bits: Union[int, Tensor], signed: bool) -> Union[int, Tensor]:
+@overload
+def num_levels(bits: Tensor, signed: Tensor) -> Tensor: ...
+
+
+def num_levels(bits: Union[int, Tensor], signed: Union[bool, Tensor]) -> Union[int, Tensor]:
     """Largest integer code ``n``: codes lie in ``[-n, n]`` (signed) or ``[0, n]`` (unsigned).
 
     ``bits`` is a Python integer (the answer is exact) or a tensor (the answer is a float
-    tensor, differentiable in continuous bits).
+    tensor, differentiable in continuous bits). With a tensor of bits, ``signed`` may be a
+    boolean tensor too, one flag per element (many quantizers' bits at once).
     """
+    if isinstance(signed, Tensor):
+        return torch.pow(2.0, bits - signed.to(bits.dtype)) - 1.0  # type: ignore[union-attr]
     if isinstance(bits, Tensor):
         return torch.pow(2.0, bits - 1.0) - 1.0 if signed else torch.pow(2.0, bits) - 1.0
     return (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1

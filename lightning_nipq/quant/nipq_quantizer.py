@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_nipq.quant.base_quantizer import BaseQuantizer, inverse_softplus, shown_range, shown_value
+from lightning_nipq.quant.base_quantizer import (
+    BaseQuantizer,
+    inverse_softplus,
+    logistic_bit_width,
+    shift_logits,
+    shown_range,
+    shown_value,
+)
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS, check_bit_width, check_zero_point_rule
 from lightning_nipq.quant.fake_quant import hard_fake_quant, noise_fake_quant
 from lightning_nipq.quant.fused_fake_quant import fused_hard_fake_quant, fused_noise_fake_quant, use_fused
@@ -187,17 +194,14 @@ class NIPQQuantizer(BaseQuantizer):
             # ``0 * theta`` keeps theta in the graph: DDP expects a gradient for every
             # parameter it registered, frozen or not.
             return self.theta * 0.0 + float(self.frozen_bits)
-        return self.min_bits + (self.max_bits - self.min_bits) * torch.sigmoid(self.theta)
+        return logistic_bit_width(self.theta, self.min_bits, self.max_bits)
 
     def logistic_bits(self) -> tuple[Tensor, float, float]:
         return self.theta, float(self.min_bits), float(self.max_bits)
 
-    @torch.no_grad()
     def shift_bit_logit(self, delta: Tensor) -> None:
         if self.frozen_bits is None:
-            # A shift below 1e-6 is the search's own resolution, not a move: theta stays as it is.
-            delta = delta.to(self.theta.device, torch.float32)
-            self.theta.sub_(torch.where(delta.abs() < 1e-6, torch.zeros_like(delta), delta).to(self.theta.dtype))
+            shift_logits([self.theta], delta)
 
     def bits(self, stochastic: bool = False) -> Tensor:
         """Whole bits with a straight-through gradient to the continuous bits."""

@@ -24,15 +24,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_nipq.layers.model_walk import product_quantizers, quantized_layers, quantized_products
-from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.base_quantizer import BaseQuantizer, logistic_bit_width
 from lightning_nipq.training.bit_sensitivity import loss_increase
+from lightning_nipq.training.bit_vector import bit_vector, smallest_shift
 
 BUDGETS: tuple[str, ...] = ("avg_bits", "bops")
 FLOAT_BITS = 32.0
@@ -94,8 +95,7 @@ def average_bits(quantizers: Sequence[BaseQuantizer]) -> Optional[Tensor]:
     sized = [q for q in unique(quantizers) if q.size > 0]
     if not sized:
         return None
-    total = float(sum(q.size for q in sized))
-    return torch.stack([q.bits() * (q.size / total) for q in sized]).sum()
+    return bit_vector(sized).average()
 
 
 def weight_and_act_average_bits(model: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -202,13 +202,14 @@ class BitBudget:
         moves by the same amount ``delta`` (its logit: ``bits = low + (high - low) *
         sigmoid(logit - delta)``, so no bit-width leaves its range and the differences that
         training made between the parameters stay as they are). ``delta`` is the smallest
-        shift, found by bisection, at which the budget holds for the element-weighted average
+        shift at which the budget holds for the element-weighted average
         of the continuous bits (``"avg_bits"``, weights and inputs each to their own target)
         or the MAC-weighted mean of ``b_w * b_a`` (``"bops"``); stochastic rounding trains at
         the continuous bits on average. The task loss still moves each layer up or down
         against the others: the allocation is learned, the average is not left to the
-        regulariser's pace. The search runs on the quantizers' device and reads nothing back
-        from it.
+        regulariser's pace. The search (`lightning_nipq.training.bit_vector.smallest_shift`) tries
+        128 shifts at once in each of four rounds, on the quantizers' device, and reads nothing
+        back from it.
         """
         if self.budget == "bops":
             self._project_bops(pairs)
@@ -217,105 +218,88 @@ class BitBudget:
         inputs = [a for _, a in pairs if a is not None and a.calibrated]
         for group, target in ((weights, self.target_bits), (inputs, float(self.target_act_bits))):  # type: ignore[arg-type]
             sized = [q for q in unique(group) if q.size > 0]
-            learning = [q for q in sized if q.learns_bits]
-            if not learning:
+            if not any(q.learns_bits for q in sized):
                 continue
-            sizes = _vector([float(q.size) for q in learning], learning)
-            # Frozen bits as tensors: reading them back to the host would sync every step.
-            fixed = sum((q.size * q.continuous_bits().detach().float() for q in sized if not q.learns_bits), sizes.new_zeros(()))
-            need = target * sum(q.size for q in sized) - fixed
-            bits = _LogisticBits(learning)
-            _apply_shift(learning, _bisect(lambda d: (sizes * bits.at(d)).sum() - need, sizes.device))
+            vector = bit_vector(sized)
+            # Frozen bits are constants: the learned ones share what the target leaves them.
+            need = target * sum(q.size for q in sized) - sum(q.size * float(q.frozen_bits) for q in sized if not q.learns_bits)
+            logits = vector.logits().detach()
+            sizes = vector.sizes[vector.learning_index][:, None]
+            low, high = vector.low[:, None], vector.high[:, None]
+            delta = smallest_shift(
+                lambda d: (sizes * logistic_bit_width(logits[:, None] - d, low, high)).sum(0) - need, vector.device
+            )
+            vector.shift(delta)
 
     def _project_bops(self, pairs: Sequence[Pair]) -> None:
         measured = [(w, a if a is not None and a.calibrated else None) for w, a in merged_pairs(pairs) if w.macs > 0]
-        learning = [q for pair in measured for q in pair if q is not None and q.learns_bits]
-        if not learning:
+        if not any(q is not None and q.learns_bits for pair in measured for q in pair):
             return
         macs = sum(w.macs for w, _ in measured)
-        shares = _vector([w.macs / macs for w, _ in measured], learning)
         target = sum(
             w.macs / macs * self.target_bits * (float(self.target_act_bits) if a is not None else FLOAT_BITS)  # type: ignore[arg-type]
             for w, a in measured
         )
-        weight_bits = _LayerBits([w for w, _ in measured], shares)
-        input_bits = _LayerBits([a for _, a in measured], shares)
-        delta = _bisect(lambda d: (shares * weight_bits.at(d) * input_bits.at(d)).sum() - target, shares.device)
-        _apply_shift(learning, delta)
+        weights = _ShiftedSide([w for w, _ in measured])
+        inputs = _ShiftedSide([a for _, a in measured])
+        shares = weights.fixed.new_tensor([w.macs / macs for w, _ in measured])[:, None]
+        delta = smallest_shift(lambda d: (shares * weights.at(d) * inputs.at(d)).sum(0) - target, shares.device)
+        for side in (weights, inputs):
+            if side.vector is not None:
+                side.vector.shift(delta)
 
     def _bops_loss(
         self, pairs: Sequence[Pair], device: torch.device
     ) -> Tensor:
-        measured = [(w, a) for w, a in merged_pairs(pairs) if w.macs > 0]
+        measured = [(w, a if a is not None and a.calibrated else None) for w, a in merged_pairs(pairs) if w.macs > 0]
         learnable = any(w.learns_bits or (a is not None and a.learns_bits) for w, a in measured)
         if not measured or not learnable:
             return torch.zeros((), device=device)
         macs = float(sum(w.macs for w, _ in measured))
-        bops = []
-        target = 0.0
-        for w, a in measured:
-            quantized_input = a is not None and a.calibrated
-            act_bits = a.bits() if quantized_input else torch.tensor(FLOAT_BITS, device=device)
-            share = w.macs / macs
-            bops.append(w.bits() * act_bits * share)
-            target += share * float(self.target_bits) * (float(self.target_act_bits) if quantized_input else FLOAT_BITS)
-        mean = torch.stack(bops).sum()
+        shares = [w.macs / macs for w, _ in measured]
+        target = sum(
+            share * float(self.target_bits) * (float(self.target_act_bits) if a is not None else FLOAT_BITS)  # type: ignore[arg-type]
+            for share, (_, a) in zip(shares, measured)
+        )
+        weight_bits = bit_vector([w for w, _ in measured]).bits()
+        act_bits = torch.full((len(measured),), FLOAT_BITS, device=weight_bits.device)
+        present = [i for i, (_, a) in enumerate(measured) if a is not None]
+        if present:
+            act_bits = act_bits.index_put(
+                (torch.tensor(present, device=weight_bits.device),),
+                bit_vector([measured[i][1] for i in present]).bits(),  # type: ignore[misc]
+            )
+        mean = (weight_bits * act_bits * weight_bits.new_tensor(shares)).sum()
         return F.smooth_l1_loss(mean, torch.full_like(mean, target))
 
 
-def _vector(values: list[float], like: Sequence[BaseQuantizer]) -> Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=like[0].alpha.device)
+class _ShiftedSide:
+    """One side (weights or inputs) of every measured layer as a function of a common shift of the learned logits.
 
+    ``at(d)`` gives a row per layer and a column per shift: learned bits move, frozen bits and
+    float inputs (None, 32 bits) do not.
+    """
 
-class _LogisticBits:
-    """The continuous bits of learning quantizers as a function of a common shift of their logits, vectorised."""
+    def __init__(self, quantizers: Sequence[Optional[BaseQuantizer]]) -> None:
+        present = [i for i, q in enumerate(quantizers) if q is not None]
+        self.vector = bit_vector([quantizers[i] for i in present]) if present else None  # type: ignore[misc]
+        device = self.vector.device if self.vector is not None else torch.device("cpu")
+        self.fixed = torch.full((len(quantizers),), FLOAT_BITS, device=device)
+        self.learning = torch.tensor([], dtype=torch.long, device=device)
+        if self.vector is None:
+            return
+        rows = torch.tensor(present, dtype=torch.long, device=device)
+        self.fixed = self.fixed.index_put((rows,), self.vector.bits(whole=False).detach())
+        if self.vector.learns:
+            self.learning = rows[self.vector.learning_index]
+            self.logits = self.vector.logits().detach()[:, None]
+            self.low, self.high = self.vector.low[:, None], self.vector.high[:, None]
 
-    def __init__(self, quantizers: Sequence[BaseQuantizer]) -> None:
-        forms = [q.logistic_bits() for q in quantizers]
-        self.logits = torch.stack([logit.detach().float().reshape(()) for logit, _, _ in forms])
-        self.low = self.logits.new_tensor([low for _, low, _ in forms])
-        self.span = self.logits.new_tensor([high - low for _, low, high in forms])
-
-    def at(self, delta: Tensor) -> Tensor:
-        return self.low + self.span * torch.sigmoid(self.logits - delta)
-
-
-class _LayerBits:
-    """One side (weights or inputs) of every measured layer: learned bits shift, frozen bits and float inputs (32) do not."""
-
-    def __init__(self, quantizers: Sequence[Optional[BaseQuantizer]], like: Tensor) -> None:
-        self.learning = [i for i, q in enumerate(quantizers) if q is not None and q.learns_bits]
-        fixed = [FLOAT_BITS if q is None else q.continuous_bits().detach().float().reshape(()) for q in quantizers]
-        self.fixed = torch.stack([like.new_tensor(v) if isinstance(v, float) else v.to(like.device) for v in fixed])
-        self.bits = _LogisticBits([quantizers[i] for i in self.learning]) if self.learning else None  # type: ignore[misc]
-        self.index = torch.tensor(self.learning, dtype=torch.long, device=like.device)
-
-    def at(self, delta: Tensor) -> Tensor:
-        if self.bits is None:
-            return self.fixed
-        return self.fixed.index_copy(0, self.index, self.bits.at(delta))
-
-
-def _apply_shift(quantizers: Sequence[BaseQuantizer], delta: Tensor) -> None:
-    for q in quantizers:
-        q.shift_bit_logit(delta)
-
-
-#: The logit shifts `_bisect` searches, ``[-LOGIT_SPAN, LOGIT_SPAN]``: wide enough to take any
-#: learned bit-width from one end of its range to the other.
-LOGIT_SPAN = 40.0
-
-
-def _bisect(excess: Callable[[Tensor], Tensor], device: torch.device, span: float = LOGIT_SPAN, steps: int = 40) -> Tensor:
-    """The smallest shift ``delta`` in ``[-span, span]`` with ``excess(delta) <= 0``, for a non-increasing ``excess``."""
-    low = torch.full((), -span, dtype=torch.float32, device=device)
-    high = torch.full((), span, dtype=torch.float32, device=device)
-    for _ in range(steps):
-        middle = (low + high) / 2
-        above = excess(middle) > 0
-        low = torch.where(above, middle, low)
-        high = torch.where(above, high, middle)
-    return high
+    def at(self, shifts: Tensor) -> Tensor:
+        out = self.fixed[:, None].expand(-1, len(shifts))
+        if self.vector is None or not self.vector.learns:
+            return out
+        return out.index_put((self.learning,), logistic_bit_width(self.logits - shifts, self.low, self.high))
 
 
 #: Budget resolution of the fits: the dynamic programme tracks at most this many states.

@@ -38,23 +38,21 @@ def loss_increase(cost: float, bits: int, signed: bool) -> float:
     return cost / float(num_levels(bits, signed)) ** 2
 
 
-def _gradient_per_cost(q: BaseQuantizer, bits: Tensor) -> Tensor:
-    """``-E[dL/db] / c`` at the whole bits the forward used.
+def _gradient_per_cost(bits: Tensor, lowest: Tensor, highest: Tensor, signed: Tensor, stochastic: Tensor) -> Tensor:
+    """``-E[dL/db] / c`` at the whole bits the forward used, for a vector of quantizers.
 
-    Those are ``round(bits)``, or with stochastic bits ``round(bits + U(-0.5, 0.5))``: ``floor(bits)
-    + 1`` with probability equal to the fraction. Each is clamped to the quantizer's range.
+    Those are ``round(bits)``, or with stochastic bits (``stochastic``) ``round(bits + U(-0.5,
+    0.5))``: ``floor(bits) + 1`` with probability equal to the fraction. Each is clamped to
+    its quantizer's range ``[lowest, highest]``.
     """
-    low, high = float(q.lowest_bits), float(q.highest_bits)
 
     def at(whole: Tensor) -> Tensor:
-        n = num_levels(whole.clamp(low, high), q.signed)
+        n = num_levels(torch.minimum(torch.maximum(whole, lowest), highest), signed)
         return 2 * math.log(2.0) * (n + 1) / n**3
 
-    if not getattr(q, "stochastic_bits", False):
-        return at(torch.round(bits))
     below = torch.floor(bits)
     fraction = bits - below
-    return (1 - fraction) * at(below) + fraction * at(below + 1)
+    return torch.where(stochastic, (1 - fraction) * at(below) + fraction * at(below + 1), at(torch.round(bits)))
 
 
 class BitSensitivity:
@@ -73,11 +71,14 @@ class BitSensitivity:
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, Tensor] = {}
+        # One running total per name, in one vector: a step adds its estimates with one operation.
+        self._names: list[str] = []
+        self._index: dict[str, int] = {}
+        self._totals: Optional[Tensor] = None
         self._counts: dict[str, int] = {}
 
     def reset(self) -> None:
-        self._sums.clear()
+        self._names, self._index, self._totals = [], {}, None
         self._counts.clear()
 
     @torch.no_grad()
@@ -87,23 +88,50 @@ class BitSensitivity:
         ``other_gradients`` holds, by name, the part of a bit logit's gradient that is not the
         task loss's (the budget regulariser's), which is taken out first.
         """
+        names, quantizers, logits = [], [], []
         for name, q in named_quantizers.items():
             if not q.learns_bits or getattr(q, "mode", "hard") != "noise" or q.stays_float or not q.calibrated:
                 continue
-            logit, low, high = q.logistic_bits()
+            logit = q.logistic_bits()[0]
             if logit.grad is None:
                 continue
-            gradient = logit.grad.detach().float()
-            if other_gradients is not None and name in other_gradients:
-                gradient = gradient - other_gradients[name].detach().float()
-            share = torch.sigmoid(logit.detach().float())
-            # bits = low + span * sigmoid(logit): dL/db = dL/dlogit / (span * s * (1 - s)).
-            slope = ((high - low) * share * (1 - share)).clamp_min(1e-12)
-            bits = low + (high - low) * share
-            estimate = -(gradient / slope) / _gradient_per_cost(q, bits)
-            estimate = torch.nan_to_num(estimate.reshape(()), nan=0.0, posinf=0.0, neginf=0.0)
-            self._sums[name] = self._sums[name] + estimate if name in self._sums else estimate.clone()
-            self._counts[name] = self._counts.get(name, 0) + 1
+            names.append(name)
+            quantizers.append(q)
+            logits.append(logit)
+        if not names:
+            return
+        device = logits[0].device
+        gradient = torch.stack([logit.grad.detach().reshape(()).float() for logit in logits])  # type: ignore[union-attr]
+        if other_gradients:
+            zero = gradient.new_zeros(())
+            gradient = gradient - torch.stack([other_gradients[n].detach().reshape(()).float() if n in other_gradients else zero for n in names])
+        vector = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        forms = [q.logistic_bits() for q in quantizers]
+        low, high = vector([f[1] for f in forms]), vector([f[2] for f in forms])
+        share = torch.sigmoid(torch.stack([logit.detach().reshape(()).float() for logit in logits]))
+        # bits = low + span * sigmoid(logit): dL/db = dL/dlogit / (span * s * (1 - s)).
+        slope = ((high - low) * share * (1 - share)).clamp_min(1e-12)
+        bits = low + (high - low) * share
+        per_cost = _gradient_per_cost(
+            bits,
+            vector([float(q.lowest_bits) for q in quantizers]),
+            vector([float(q.highest_bits) for q in quantizers]),
+            vector([bool(q.signed) for q in quantizers], torch.bool),
+            vector([bool(getattr(q, "stochastic_bits", False)) for q in quantizers], torch.bool),
+        )
+        estimate = torch.nan_to_num(-(gradient / slope) / per_cost, nan=0.0, posinf=0.0, neginf=0.0)
+        new = [n for n in names if n not in self._index]
+        if new or self._totals is None:
+            for n in new:
+                self._index[n] = len(self._names)
+                self._names.append(n)
+            grown = torch.zeros(len(self._names), dtype=torch.float32, device=device)
+            if self._totals is not None:
+                grown[: len(self._totals)] = self._totals.to(device)
+            self._totals = grown
+        self._totals = self._totals.to(device).index_add_(0, vector([self._index[n] for n in names], torch.long), estimate)
+        for n in names:
+            self._counts[n] = self._counts.get(n, 0) + 1
 
     def observed_steps(self, name: str) -> int:
         return self._counts.get(name, 0)
@@ -117,14 +145,24 @@ class BitSensitivity:
         learning = {name: q for name, q in named_quantizers.items() if q.learns_bits and q.calibrated and not q.stays_float}
         if not learning or any(self._counts.get(name, 0) < MIN_OBSERVATIONS for name in learning):
             return None
-        return {id(q): max(float(self._sums[name]) / self._counts[name], 0.0) for name, q in learning.items()}
+        totals = self._host_totals()
+        return {id(q): max(totals[name] / self._counts[name], 0.0) for name, q in learning.items()}
+
+    def _host_totals(self) -> dict[str, float]:
+        values = self._totals.tolist() if self._totals is not None else []
+        return dict(zip(self._names, values))
 
     def state_dict(self) -> dict[str, list[float]]:
-        return {name: [float(total), float(self._counts[name])] for name, total in self._sums.items()}
+        return {name: [total, float(self._counts[name])] for name, total in self._host_totals().items()}
 
     def load_state_dict(self, state: dict[str, Iterable[float]], device: torch.device) -> None:
         self.reset()
+        totals = []
         for name, pair in state.items():
             total, count = (float(v) for v in pair)
-            self._sums[name] = torch.tensor(total, device=device)
+            self._index[name] = len(self._names)
+            self._names.append(name)
+            totals.append(total)
             self._counts[name] = int(count)
+        if totals:
+            self._totals = torch.tensor(totals, dtype=torch.float32, device=device)
