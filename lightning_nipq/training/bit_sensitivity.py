@@ -26,8 +26,9 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from lightning_nipq.quant.base_quantizer import BaseQuantizer
+from lightning_nipq.quant.base_quantizer import BaseQuantizer, logistic_bit_width
 from lightning_nipq.quant.codes import num_levels
+from lightning_nipq.training.bit_vector import bit_vector
 
 #: A quantizer's cost is only trusted after this many noise-phase steps.
 MIN_OBSERVATIONS = 8
@@ -76,9 +77,10 @@ class BitSensitivity:
         self._index: dict[str, int] = {}
         self._totals: Optional[Tensor] = None
         self._counts: dict[str, int] = {}
+        self._rows: Optional[tuple[tuple[str, ...], Tensor]] = None  # the last observed names' rows in the totals
 
     def reset(self) -> None:
-        self._names, self._index, self._totals = [], {}, None
+        self._names, self._index, self._totals, self._rows = [], {}, None, None
         self._counts.clear()
 
     @torch.no_grad()
@@ -105,20 +107,14 @@ class BitSensitivity:
         if other_gradients:
             zero = gradient.new_zeros(())
             gradient = gradient - torch.stack([other_gradients[n].detach().reshape(()).float() if n in other_gradients else zero for n in names])
-        vector = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-        forms = [q.logistic_bits() for q in quantizers]
-        low, high = vector([f[1] for f in forms]), vector([f[2] for f in forms])
-        share = torch.sigmoid(torch.stack([logit.detach().reshape(()).float() for logit in logits]))
+        # The quantizers' constants, kept on the device between steps (no host-to-device copy per step).
+        vector = bit_vector(quantizers)
+        logit_values = vector.logits().detach()
+        share = torch.sigmoid(logit_values)
         # bits = low + span * sigmoid(logit): dL/db = dL/dlogit / (span * s * (1 - s)).
-        slope = ((high - low) * share * (1 - share)).clamp_min(1e-12)
-        bits = low + (high - low) * share
-        per_cost = _gradient_per_cost(
-            bits,
-            vector([float(q.lowest_bits) for q in quantizers]),
-            vector([float(q.highest_bits) for q in quantizers]),
-            vector([bool(q.signed) for q in quantizers], torch.bool),
-            vector([bool(getattr(q, "stochastic_bits", False)) for q in quantizers], torch.bool),
-        )
+        slope = ((vector.high - vector.low) * share * (1 - share)).clamp_min(1e-12)
+        bits = logistic_bit_width(logit_values, vector.low, vector.high)
+        per_cost = _gradient_per_cost(bits, vector.lowest, vector.highest, vector.signed, vector.stochastic)
         estimate = torch.nan_to_num(-(gradient / slope) / per_cost, nan=0.0, posinf=0.0, neginf=0.0)
         new = [n for n in names if n not in self._index]
         if new or self._totals is None:
@@ -129,7 +125,10 @@ class BitSensitivity:
             if self._totals is not None:
                 grown[: len(self._totals)] = self._totals.to(device)
             self._totals = grown
-        self._totals = self._totals.to(device).index_add_(0, vector([self._index[n] for n in names], torch.long), estimate)
+        key = tuple(names)
+        if self._rows is None or self._rows[0] != key or self._rows[1].device != device:
+            self._rows = (key, torch.tensor([self._index[n] for n in names], dtype=torch.long, device=device))
+        self._totals = self._totals.to(device).index_add_(0, self._rows[1], estimate)
         for n in names:
             self._counts[n] = self._counts.get(n, 0) + 1
 

@@ -55,6 +55,9 @@ class BitVector:
         learning_q = [quantizers[i] for i in self.learning]
         self.lowest = vector([float(q.lowest_bits) for q in learning_q])
         self.highest = vector([float(q.highest_bits) for q in learning_q])
+        #: Per learning quantizer: signed codes, and bits rounded stochastically in the noise phase.
+        self.signed = torch.tensor([bool(q.signed) for q in learning_q], dtype=torch.bool, device=device)
+        self.stochastic = torch.tensor([_stochastic(q) for q in learning_q], dtype=torch.bool, device=device)
         self.sizes = vector([float(q.size) for q in quantizers])
         total = float(sum(q.size for q in quantizers))
         self.shares = vector([q.size / total if total > 0 else 0.0 for q in quantizers])
@@ -112,13 +115,17 @@ def _device_of(quantizer: BaseQuantizer) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def _stochastic(q: BaseQuantizer) -> bool:
+    return bool(getattr(q, "stochastic_bits", False))
+
+
 def _signature(q: BaseQuantizer) -> Hashable:
     # Everything a BitVector takes from a quantizer. A learning quantizer's logit is kept alive by
     # the cached vector, so its id is not reused while the entry lives; a frozen quantizer gives
     # constants only, which any quantizer of the same signature gives alike.
     if q.learns_bits:
         logit, low, high = q.logistic_bits()
-        return (id(logit), logit.device, logit.dtype, low, high, q.lowest_bits, q.highest_bits, q.size)
+        return (id(logit), logit.device, logit.dtype, low, high, q.lowest_bits, q.highest_bits, q.size, q.signed, _stochastic(q))
     return (q.frozen_bits, q.frozen_whole_bits(), q.size, _device_of(q))
 
 
