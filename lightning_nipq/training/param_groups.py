@@ -4,7 +4,10 @@ The user's ``configure_optimizers`` builds its optimizer from ``self.parameters(
 already holds the quantizer parameters (they are attached in ``setup``). This moves them
 out of each group into a twin group with the same hyperparameters, learning rates scaled
 by ``lr_factor`` and ``weight_decay=0``, and extends the optimizer's schedulers to the new
-group. The split is deterministic, so a resumed run rebuilds the same groups before
+group. Where the optimizer is torch's Adam, AdamW or SGD and the group leaves the
+implementation to torch (``fused`` and ``foreach`` unset), the twin group takes the fused
+one: torch picks the per-parameter loop on a CPU, and the quantizers' parameters are many
+small tensors, two per quantizer (80 of them: 2.2 ms a step in the loop, 0.35 ms fused). The split is deterministic, so a resumed run rebuilds the same groups before
 Lightning restores the optimizer state.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -21,6 +25,23 @@ LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr")
 SCHEDULER_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
 #: Scheduler attributes holding one entry per group to be copied as is.
 SCHEDULER_COPY_LISTS = ("lr_lambdas",)
+
+
+#: Optimizers whose fused implementation runs on the CPU and on CUDA alike.
+FUSED_OPTIMIZERS: tuple[type, ...] = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def _takes_fused(optimizer: Optimizer, group: dict[str, Any], params: list[nn.Parameter]) -> bool:
+    return (
+        isinstance(optimizer, FUSED_OPTIMIZERS)
+        and "fused" in group
+        and group["fused"] is None
+        and not group.get("foreach")
+        and not group.get("differentiable", False)
+        and all(p.dtype in _FUSED_DTYPES and p.device.type in _FUSED_DEVICES for p in params)
+    )
 
 
 def _extend_scheduler(scheduler: Any, source_index: int, lr_factor: float, old_count: int) -> None:
@@ -63,7 +84,7 @@ def split_quantizer_params(
             if not needs_split:
                 continue
             group["params"] = [p for p in group["params"] if id(p) not in wanted]
-            twin = _twin_group(group, ours, lr_factor)
+            twin = _twin_group(optimizer, group, ours, lr_factor)
             current_count = len(optimizer.param_groups)
             optimizer.add_param_group(twin)
             for scheduler in schedulers:
@@ -73,7 +94,7 @@ def split_quantizer_params(
     missing = [p for key, p in wanted.items() if key not in found]
     if missing and optimizers:
         optimizer = optimizers[0]
-        twin = _twin_group(optimizer.param_groups[0], missing, lr_factor)
+        twin = _twin_group(optimizer, optimizer.param_groups[0], missing, lr_factor)
         current_count = len(optimizer.param_groups)
         optimizer.add_param_group(twin)
         for scheduler in schedulers:
@@ -83,8 +104,10 @@ def split_quantizer_params(
     return done
 
 
-def _twin_group(group: dict[str, Any], params: list[nn.Parameter], lr_factor: float) -> dict[str, Any]:
+def _twin_group(optimizer: Optimizer, group: dict[str, Any], params: list[nn.Parameter], lr_factor: float) -> dict[str, Any]:
     twin = {k: v for k, v in group.items() if k != "params"}
+    if _takes_fused(optimizer, group, params):
+        twin["fused"] = True
     for key in LR_KEYS:
         if key in twin and isinstance(twin[key], (int, float)):
             twin[key] = twin[key] * lr_factor

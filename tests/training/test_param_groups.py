@@ -52,3 +52,36 @@ def test_no_split_when_nothing_would_change():
     opt = torch.optim.Adam(main + quant, lr=0.01)
     assert split_quantizer_params([opt], quant, lr_factor=1.0) == []
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)])
+def test_the_quantizer_group_takes_the_fused_implementation_and_steps_as_the_loop_does(make):
+    torch.manual_seed(0)
+    main, quant = _params()
+    reference = [nn.Parameter(q.detach().clone()) for q in quant]
+    opt, plain = make(main + quant), make(reference)
+    split_quantizer_params([opt], quant, lr_factor=4.0)
+    for group in plain.param_groups:
+        group["lr"] *= 4.0
+        group["weight_decay"] = 0.0
+    assert opt.param_groups[1]["fused"] is True and opt.param_groups[0]["fused"] is None
+    for _ in range(5):
+        grads = [torch.randn(()) for _ in quant]
+        for p, r, g in zip(quant, reference, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        for p in main:
+            p.grad = torch.randn(3)
+        opt.step()
+        plain.step()
+    for p, r in zip(quant, reference):
+        assert torch.allclose(p, r, rtol=1e-6, atol=1e-7)
+
+
+def test_a_group_whose_implementation_the_user_chose_keeps_it():
+    main, quant = _params()
+    opt = torch.optim.Adam(main + quant, lr=0.01, foreach=True)
+    split_quantizer_params([opt], quant, lr_factor=4.0)
+    assert opt.param_groups[1]["foreach"] is True and opt.param_groups[1]["fused"] is None
+    opt = torch.optim.RAdam(main + quant, lr=0.01)  # no fused implementation: nothing changes
+    split_quantizer_params([opt], quant, lr_factor=4.0)
+    assert "fused" not in opt.param_groups[1]
