@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_nipq.layers.model_walk import product_quantizers, quantized_layers, quantized_products
-from lightning_nipq.quant.base_quantizer import BaseQuantizer, logistic_bit_width
+from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.training.bit_sensitivity import loss_increase
 from lightning_nipq.training.bit_vector import bit_vector, smallest_shift
 
@@ -221,14 +221,9 @@ class BitBudget:
             if not any(q.learns_bits for q in sized):
                 continue
             vector = bit_vector(sized)
-            # Frozen bits are constants: the learned ones share what the target leaves them.
-            need = target * sum(q.size for q in sized) - sum(q.size * float(q.frozen_bits) for q in sized if not q.learns_bits)
-            logits = vector.logits().detach()
-            sizes = vector.sizes[vector.learning_index][:, None]
-            low, high = vector.low[:, None], vector.high[:, None]
-            delta = smallest_shift(
-                lambda d: (sizes * logistic_bit_width(logits[:, None] - d, low, high)).sum(0) - need, vector.device
-            )
+            logits, sizes = vector.logits(), vector.sizes[:, None]
+            need = target * sum(q.size for q in sized)
+            delta = smallest_shift(lambda d: (sizes * vector.continuous_at(d, logits)).sum(0) - need, vector.device)
             vector.shift(delta)
 
     def _project_bops(self, pairs: Sequence[Pair]) -> None:
@@ -242,8 +237,10 @@ class BitBudget:
         )
         weights = _ShiftedSide([w for w, _ in measured])
         inputs = _ShiftedSide([a for _, a in measured])
-        shares = weights.fixed.new_tensor([w.macs / macs for w, _ in measured])[:, None]
-        delta = smallest_shift(lambda d: (shares * weights.at(d) * inputs.at(d)).sum(0) - target, shares.device)
+        # Every measured layer has a weight quantizer, so that side has a vector.
+        device = weights.vector.device  # type: ignore[union-attr]
+        shares = torch.tensor([w.macs / macs for w, _ in measured], device=device)[:, None]
+        delta = smallest_shift(lambda d: (shares * weights.at(d) * inputs.at(d)).sum(0) - target, device)
         for side in (weights, inputs):
             if side.vector is not None:
                 side.vector.shift(delta)
@@ -281,25 +278,18 @@ class _ShiftedSide:
     """
 
     def __init__(self, quantizers: Sequence[Optional[BaseQuantizer]]) -> None:
+        self.count = len(quantizers)
         present = [i for i, q in enumerate(quantizers) if q is not None]
         self.vector = bit_vector([quantizers[i] for i in present]) if present else None  # type: ignore[misc]
-        device = self.vector.device if self.vector is not None else torch.device("cpu")
-        self.fixed = torch.full((len(quantizers),), FLOAT_BITS, device=device)
-        self.learning = torch.tensor([], dtype=torch.long, device=device)
-        if self.vector is None:
-            return
-        rows = torch.tensor(present, dtype=torch.long, device=device)
-        self.fixed = self.fixed.index_put((rows,), self.vector.bits(whole=False).detach())
-        if self.vector.learns:
-            self.learning = rows[self.vector.learning_index]
-            self.logits = self.vector.logits().detach()[:, None]
-            self.low, self.high = self.vector.low[:, None], self.vector.high[:, None]
+        if self.vector is not None:
+            self.rows = torch.tensor(present, dtype=torch.long, device=self.vector.device)
+            self.logits = self.vector.logits()
 
     def at(self, shifts: Tensor) -> Tensor:
-        out = self.fixed[:, None].expand(-1, len(shifts))
-        if self.vector is None or not self.vector.learns:
-            return out
-        return out.index_put((self.learning,), logistic_bit_width(self.logits - shifts, self.low, self.high))
+        out = torch.full((self.count, len(shifts)), FLOAT_BITS, device=shifts.device)
+        if self.vector is not None:
+            out[self.rows] = self.vector.continuous_at(shifts, self.logits)
+        return out
 
 
 #: Budget resolution of the fits: the dynamic programme tracks at most this many states.

@@ -48,7 +48,7 @@ def _gradient_per_cost(bits: Tensor, lowest: Tensor, highest: Tensor, signed: Te
     """
 
     def at(whole: Tensor) -> Tensor:
-        n = num_levels(torch.minimum(torch.maximum(whole, lowest), highest), signed)
+        n = num_levels(whole.clamp(lowest, highest), signed)
         return 2 * math.log(2.0) * (n + 1) / n**3
 
     below = torch.floor(bits)

@@ -98,6 +98,20 @@ class BitVector:
         out = out.index_put((self._fixed_index,), fixed)
         return out.index_put((self.learning_index,), learned)
 
+    def continuous_at(self, shifts: Tensor, logits: Optional[Tensor] = None) -> Tensor:
+        """Continuous bits with every learning logit lowered by each of ``shifts``: a row per quantizer, a column per shift.
+
+        Frozen quantizers' rows stay at their bits. ``logits`` (default: theirs) saves
+        stacking them again when one search evaluates many shifts.
+        """
+        logits = self.logits() if logits is None else logits
+        out = self._fixed_continuous.new_empty((self.count, len(shifts)))
+        if len(self._fixed_continuous):
+            out[self._fixed_index] = self._fixed_continuous[:, None]
+        if self.learning:
+            out[self.learning_index] = logistic_bit_width(logits[:, None] - shifts, self.low[:, None], self.high[:, None])
+        return out
+
     def average(self, logits: Optional[Tensor] = None, whole: bool = True) -> Tensor:
         """The size-weighted mean of `bits` (listed twice, a quantizer counts twice: pass each once)."""
         return (self.bits(logits, whole) * self.shares).sum()
