@@ -19,6 +19,7 @@ from lightning_nipq.quant.codes import MIN_SIGNED_BITS
 from lightning_nipq.quant.nipq_quantizer import NIPQConfig
 from lightning_nipq.training.bit_budget import BUDGETS, BitBudget, model_pairs
 from lightning_nipq.training.bit_sensitivity import BitSensitivity
+from lightning_nipq.training.bit_vector import LogitTap
 from lightning_nipq.training.distillation import Distiller, frozen_copy
 from lightning_nipq.training.phase_schedule import PhaseSchedule
 
@@ -270,6 +271,8 @@ class NIPQCallback(QuantizationAwareTraining):
         self.sensitivity = BitSensitivity()
         self._sensitivity_state: Optional[dict[str, Any]] = None
         self._named_quantizers: dict[str, Any] = {}
+        # (tap, quantizer names, global step) of each micro-batch's bit loss in this optimizer step.
+        self._taps: list[tuple[LogitTap, list[str], int]] = []
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -387,6 +390,15 @@ class NIPQCallback(QuantizationAwareTraining):
         self._bit_loss_calls += 1
         if self._phase(pl_module) == "hard" or self.reg_weight == 0:
             loss = torch.zeros((), device=pl_module.device)
+        elif self.allocation == "sensitivity" and pl_module.automatic_optimization and not self._bits_frozen:
+            # The sensitivities need the task's share of the bits' gradients: the tap records
+            # the regulariser's share in the backward that runs anyway.
+            names = [name for name, q in self._named_quantizers.items() if q.learns_bits]
+            tap = LogitTap([self._named_quantizers[name].logistic_bits()[0] for name in names])
+            loss = self.bit_budget.loss_of(self._pairs(), tap) * self.reg_weight
+            tap.watch(loss)
+            step = pl_module.global_step  # a skipped optimizer step leaves taps of an earlier one behind: drop them
+            self._taps = [entry for entry in self._taps if entry[2] == step] + [(tap, names, step)]
         else:
             loss = self.bit_budget.loss_of(self._pairs()) * self.reg_weight
         self._last_bit_loss = loss.detach()
@@ -455,27 +467,30 @@ class NIPQCallback(QuantizationAwareTraining):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self.allocation == "sensitivity" and not self._bits_frozen and self._phase(pl_module) != "hard":
             # The bits' gradients are complete here (accumulated, unscaled, all-reduced).
-            self.sensitivity.observe(self._named_quantizers, self._regulariser_gradients(pl_module))
+            self.sensitivity.observe(self._named_quantizers, self._regulariser_gradients(trainer, pl_module))
 
-    def _regulariser_gradients(self, pl_module: LightningModule) -> Optional[dict[str, Tensor]]:
+    def _regulariser_gradients(self, trainer: Trainer, pl_module: LightningModule) -> Optional[dict[str, Tensor]]:
         """The budget regulariser's share of each bit logit's gradient, which is not the task's.
 
-        Recomputed from the same bits (they change only in the optimizer step and the
-        projection before the batch): a graph of a few scalars per layer. With manual
-        optimisation the user adds the regulariser as they see fit; nothing is taken out then.
+        Each micro-batch's backward recorded its own (`LogitTap`); Lightning divides every
+        micro-batch's loss by ``accumulate_grad_batches``, and so the shares are summed and
+        divided alike (the first micro-batch may precede the end of calibration, and count
+        fewer inputs). With manual optimisation the user adds the regulariser as they see fit;
+        nothing is taken out then.
         """
-        if self.reg_weight == 0 or not pl_module.automatic_optimization:
+        recorded = [(tap.gradient(), names) for tap, names, _ in self._taps if tap.gradient() is not None]
+        self._taps = []
+        if not recorded or not pl_module.automatic_optimization:
             return None
-        named = [(name, q.logistic_bits()[0]) for name, q in self._named_quantizers.items() if q.learns_bits]
-        named = [(name, logit) for name, logit in named if logit.requires_grad]
-        if not named:
-            return None
-        with torch.enable_grad():
-            loss = self.bit_budget.loss_of(self._pairs()) * self.reg_weight
-            if not loss.requires_grad:
-                return None
-            grads = torch.autograd.grad(loss, [logit for _, logit in named], allow_unused=True)
-        return {name: grad for (name, _), grad in zip(named, grads) if grad is not None}
+        scale = 1.0 / trainer.accumulate_grad_batches
+        if all(names == recorded[0][1] for _, names in recorded):
+            total = sum(gradient for gradient, _ in recorded[1:]) + recorded[0][0]  # type: ignore[operator]
+            return dict(zip(recorded[0][1], (total * scale).unbind()))
+        shares: dict[str, Tensor] = {}
+        for gradient, names in recorded:
+            for name, value in zip(names, gradient.unbind()):  # type: ignore[union-attr]
+                shares[name] = shares[name] + value * scale if name in shares else value * scale
+        return shares
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

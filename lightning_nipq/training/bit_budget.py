@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from lightning_nipq.layers.model_walk import product_quantizers, quantized_layers, quantized_products
 from lightning_nipq.quant.base_quantizer import BaseQuantizer
 from lightning_nipq.training.bit_sensitivity import loss_increase
-from lightning_nipq.training.bit_vector import bit_vector, smallest_shift
+from lightning_nipq.training.bit_vector import BitVector, LogitTap, bit_vector, smallest_shift
 
 BUDGETS: tuple[str, ...] = ("avg_bits", "bops")
 FLOAT_BITS = 32.0
@@ -87,15 +87,17 @@ def merged_pairs(pairs: Sequence[Pair]) -> list[Pair]:
     return list(merged.values())
 
 
-def average_bits(quantizers: Sequence[BaseQuantizer]) -> Optional[Tensor]:
+def average_bits(quantizers: Sequence[BaseQuantizer], tap: Optional[LogitTap] = None) -> Optional[Tensor]:
     """Element-weighted mean of the rounded bits (straight-through), None if nothing has a size yet.
 
-    A quantizer listed twice (shared by tied layers) counts once.
+    A quantizer listed twice (shared by tied layers) counts once. With ``tap`` the learned bits
+    reach their logits through it (see `BitBudget.loss_of`).
     """
     sized = [q for q in unique(quantizers) if q.size > 0]
     if not sized:
         return None
-    return bit_vector(sized).average()
+    vector = bit_vector(sized)
+    return vector.average(_learned_logits(vector, tap))
 
 
 def weight_and_act_average_bits(model: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -130,19 +132,23 @@ class BitBudget:
         """The penalty for the model's current bits; zero (with no graph) if no bit is learnable."""
         return self.loss_of(model_pairs(model))
 
-    def loss_of(self, pairs: Sequence[Pair]) -> Tensor:
-        """The penalty for ``(weight quantizer, input quantizer or None)`` pairs, one per layer."""
+    def loss_of(self, pairs: Sequence[Pair], tap: Optional[LogitTap] = None) -> Tensor:
+        """The penalty for ``(weight quantizer, input quantizer or None)`` pairs, one per layer.
+
+        With ``tap`` (built from every learning quantizer's bit logit) the penalty reaches the
+        logits through it, which records the penalty's share of their gradients.
+        """
         first = next((q for pair in pairs for q in pair if q is not None), None)
         device = first.alpha.device if first is not None else torch.device("cpu")
         if self.budget == "bops":
-            return self._bops_loss(pairs, device)
+            return self._bops_loss(pairs, device, tap)
         total = torch.zeros((), device=device)
         weights = _weights(pairs)
         inputs = [a for _, a in pairs if a is not None and a.calibrated]
         for group, target in ((weights, self.target_bits), (inputs, self.target_act_bits)):
             if not any(q.learns_bits for q in group):
                 continue
-            avg = average_bits(group)
+            avg = average_bits(group, tap)
             if avg is not None:
                 total = total + F.smooth_l1_loss(avg, torch.full_like(avg, float(target)))
         return total
@@ -245,9 +251,7 @@ class BitBudget:
             if side.vector is not None:
                 side.vector.shift(delta)
 
-    def _bops_loss(
-        self, pairs: Sequence[Pair], device: torch.device
-    ) -> Tensor:
+    def _bops_loss(self, pairs: Sequence[Pair], device: torch.device, tap: Optional[LogitTap]) -> Tensor:
         measured = [(w, a if a is not None and a.calibrated else None) for w, a in merged_pairs(pairs) if w.macs > 0]
         learnable = any(w.learns_bits or (a is not None and a.learns_bits) for w, a in measured)
         if not measured or not learnable:
@@ -258,16 +262,24 @@ class BitBudget:
             share * float(self.target_bits) * (float(self.target_act_bits) if a is not None else FLOAT_BITS)  # type: ignore[arg-type]
             for share, (_, a) in zip(shares, measured)
         )
-        weight_bits = bit_vector([w for w, _ in measured]).bits()
+        weight_bits = _bits(bit_vector([w for w, _ in measured]), tap)
         act_bits = torch.full((len(measured),), FLOAT_BITS, device=weight_bits.device)
         present = [i for i, (_, a) in enumerate(measured) if a is not None]
         if present:
             act_bits = act_bits.index_put(
                 (torch.tensor(present, device=weight_bits.device),),
-                bit_vector([measured[i][1] for i in present]).bits(),  # type: ignore[misc]
+                _bits(bit_vector([measured[i][1] for i in present]), tap),  # type: ignore[misc]
             )
         mean = (weight_bits * act_bits * weight_bits.new_tensor(shares)).sum()
         return F.smooth_l1_loss(mean, torch.full_like(mean, target))
+
+
+def _learned_logits(vector: BitVector, tap: Optional[LogitTap]) -> Optional[Tensor]:
+    return vector.logits(tap) if tap is not None and vector.learns else None
+
+
+def _bits(vector: BitVector, tap: Optional[LogitTap]) -> Tensor:
+    return vector.bits(_learned_logits(vector, tap))
 
 
 class _ShiftedSide:

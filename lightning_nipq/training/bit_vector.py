@@ -77,8 +77,10 @@ class BitVector:
         """Whether any of the quantizers learns its bits."""
         return bool(self.learning)
 
-    def logits(self) -> Tensor:
-        """The learning quantizers' bit logits, stacked (float32, in the autograd graph)."""
+    def logits(self, tap: Optional[LogitTap] = None) -> Tensor:
+        """The learning quantizers' bit logits, stacked (float32, in the autograd graph); taken from ``tap`` if given."""
+        if tap is not None:
+            return tap.select(self._logits)
         return torch.stack([logit.reshape(()).float() for logit in self._logits])
 
     def learned_bits(self, logits: Optional[Tensor] = None, whole: bool = True) -> Tensor:
@@ -122,6 +124,83 @@ class BitVector:
         for logit in self._logits:
             unique.setdefault(id(logit), logit)
         shift_logits(list(unique.values()), delta)
+
+
+class LogitTap:
+    """Bit logits stacked once for one loss, recording in backward that loss's share of their gradients.
+
+    A loss built from `select`-ed values (`BitVector.logits` with ``tap=``) reaches the logits
+    through this one stack, and nothing else does: the gradient autograd passes through it is
+    the loss's own part of each logit's gradient, separate from the task loss's, at no cost
+    beyond the backward that runs anyway. `watch` the loss as it is added to the task loss:
+    whatever scales the sum before backward (gradient accumulation's division, a mixed-precision
+    loss scale) scales both gradients alike, and `gradient` divides it out.
+
+    Example:
+
+        >>> from lightning_nipq import NIPQQuantizer
+        >>> q = NIPQQuantizer(init_bits=4.0)
+        >>> logit = q.logistic_bits()[0]
+        >>> tap = LogitTap([logit])
+        >>> loss = 3.0 * tap.select([logit]).sum()
+        >>> tap.watch(loss)
+        >>> (0.5 * loss + (logit ** 2).sum()).backward()  # a task loss, and a factor on the sum
+        >>> float(tap.gradient()[0])
+        3.0
+    """
+
+    def __init__(self, logits: Sequence[Tensor]) -> None:
+        self.parameters = list(logits)
+        self.values = torch.stack([logit.reshape(()).float() for logit in self.parameters]) if self.parameters else None
+        self._layout = tuple(id(p) for p in self.parameters)
+        self._from_values: Optional[Tensor] = None
+        self._from_loss: Optional[Tensor] = None
+        if self.values is not None and self.values.requires_grad:
+            self.values.register_hook(self._record_values)
+
+    def select(self, logits: Sequence[Tensor]) -> Tensor:
+        """The stacked values at ``logits`` (each one of this tap's), in their order."""
+        if self.values is None:
+            raise ValueError("this LogitTap holds no logits")
+        return self.values[_positions(self._layout, tuple(id(p) for p in logits), self.values.device)]
+
+    def watch(self, loss: Tensor) -> None:
+        """Record the gradient that reaches ``loss`` (a scalar built from `select`-ed values) in backward."""
+        if loss.requires_grad:
+            loss.register_hook(self._record_loss)
+
+    def gradient(self) -> Optional[Tensor]:
+        """d(watched loss)/d(logit), in the order the tap was built with; None until a backward reached both."""
+        if self._from_values is None or self._from_loss is None:
+            return None
+        return self._from_values / self._from_loss
+
+    def _record_values(self, grad: Tensor) -> None:
+        self._from_values = grad.detach()
+
+    def _record_loss(self, grad: Tensor) -> None:
+        self._from_loss = grad.detach().reshape(()).float()
+
+
+_POSITIONS_CACHE_SIZE = 32
+_positions_cache: "OrderedDict[tuple[Hashable, ...], Tensor]" = OrderedDict()
+
+
+def _positions(layout: tuple[int, ...], selection: tuple[int, ...], device: torch.device) -> Tensor:
+    # A tap is built each step from the same logits: keep the index on the device between steps.
+    key = (layout, selection, device)
+    found = _positions_cache.get(key)
+    if found is not None:
+        _positions_cache.move_to_end(key)
+        return found
+    where = {ident: i for i, ident in enumerate(layout)}
+    missing = [ident for ident in selection if ident not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} of the logits selected are not in this LogitTap; build it from every logit the loss uses")
+    index = _positions_cache[key] = torch.tensor([where[ident] for ident in selection], dtype=torch.long, device=device)
+    if len(_positions_cache) > _POSITIONS_CACHE_SIZE:
+        _positions_cache.popitem(last=False)
+    return index
 
 
 def _device_of(quantizer: BaseQuantizer) -> torch.device:

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 import lightning_nipq
 from lightning_nipq import HardQuantize, LSQCallback, NIPQCallback
 from lightning_nipq.layers import IntegerLayerMixin, QuantizedLayerMixin, quantizers
-from lightning_nipq.training import weight_and_act_average_bits
+from lightning_nipq.training import BitSensitivity, weight_and_act_average_bits
 
 
 def _fit(model, callbacks, epochs=3, data=None, val=True, **trainer_kwargs):
@@ -286,6 +286,35 @@ def test_regulariser_per_optimizer_step_is_the_same_with_gradient_accumulation()
     accumulated = first_step_grads(16, 2)
     assert plain.abs().sum() > 0
     assert torch.allclose(plain, accumulated, atol=1e-7)
+
+
+class NaiveSensitivity(Callback):
+    """Observes the bits' whole gradients, the regulariser's share included."""
+
+    def __init__(self):
+        self.sensitivity = BitSensitivity()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.sensitivity.observe(dict(quantizers(pl_module)))
+
+
+def test_sensitivities_leave_out_the_regulariser_share_recorded_in_backward():
+    """With a zero task loss the bits' gradients are the regulariser's alone: nothing is left to measure.
+
+    Over accumulated micro-batches (each backward scales the sum by 1/2) the share recorded
+    in backward matches the gradient Lightning hands the optimizer.
+    """
+    torch.manual_seed(0)
+    naive = NaiveSensitivity()  # listed first: it sees the gradients before the callback observes them
+    nipq = NIPQCallback(target_bits=3, hard_epochs=0, calibration_batches=1, enforce_budget=False)
+    trainer = fast_trainer(1, [naive, nipq], accumulate_grad_batches=2, limit_train_batches=8)
+    trainer.fit(OnlyBudget(), loader(blobs(128), batch_size=16))
+    measured, whole = nipq.sensitivity.state_dict(), naive.sensitivity.state_dict()
+    assert whole and set(measured) == set(whole)
+    for name, (total, count) in whole.items():
+        assert count == measured[name][1] == 4  # calibration ends within the first step
+        assert abs(total) > 1.0
+        assert abs(measured[name][0]) < 1e-5 * abs(total), name
 
 
 def test_bf16_mixed_precision_trains_at_two_bits_without_nan():

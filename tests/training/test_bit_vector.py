@@ -13,7 +13,7 @@ from lightning_nipq.quant.codes import num_levels
 from lightning_nipq.training import BitBudget
 from lightning_nipq.training import bit_vector as bit_vector_module
 from lightning_nipq.training.bit_sensitivity import BitSensitivity
-from lightning_nipq.training.bit_vector import LOGIT_SPAN, SEARCH_POINTS, SEARCH_ROUNDS, BitVector, bit_vector, smallest_shift
+from lightning_nipq.training.bit_vector import LOGIT_SPAN, SEARCH_POINTS, SEARCH_ROUNDS, BitVector, LogitTap, bit_vector, smallest_shift
 
 
 def _mixed_quantizers():
@@ -136,3 +136,36 @@ def test_sensitivity_observes_each_quantizer_as_its_own_formula_says():
 
 def test_the_docstring_example_runs():
     assert doctest.testmod(bit_vector_module).failed == 0
+
+
+@pytest.mark.parametrize("budget", ["avg_bits", "bops"])
+def test_a_logit_tap_records_the_budget_share_of_the_gradient(budget):
+    """Through a tap the budget's loss is unchanged, and its recorded share of the gradient is the loss's own.
+
+    The sum backpropagated scales the budget's loss (1/1024, as accumulation or a loss scale
+    would) and adds a task loss on the same logits; the tap divides the factor out and leaves
+    the task's gradient out.
+    """
+    quantizers = _mixed_quantizers()
+    for i, q in enumerate(quantizers):
+        q.macs = 100 * (i + 1)
+    pairs = [(quantizers[0], quantizers[1]), (quantizers[2], quantizers[3]), (quantizers[4], None), (quantizers[5], quantizers[1])]
+    budget = BitBudget(3.0, 4.0, budget=budget)
+    learning = [q.logistic_bits()[0] for q in quantizers if q.learns_bits]
+    plain = budget.loss_of(pairs)
+    expected = torch.stack([g if g is not None else torch.zeros(()) for g in torch.autograd.grad(plain, learning, allow_unused=True)])
+    tap = LogitTap(learning)
+    tapped = budget.loss_of(pairs, tap)
+    assert torch.equal(tapped.detach(), plain.detach())
+    tap.watch(tapped)
+    assert tap.gradient() is None
+    task = sum((logit - 1.0) ** 2 for logit in learning)
+    (tapped / 1024 + task).backward()
+    assert expected.abs().sum() > 0
+    assert torch.allclose(tap.gradient(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_a_logit_tap_refuses_a_logit_it_was_not_built_with():
+    a, b = (NIPQQuantizer(init_bits=4.0).logistic_bits()[0] for _ in range(2))
+    with pytest.raises(ValueError, match="not in this LogitTap"):
+        LogitTap([a]).select([a, b])
