@@ -74,9 +74,20 @@ class QuantizedLayerMixin:
                 return integer_output(self, input, integer_values(self), args, kwargs)
         # The quantized input (and weight) the maths keep for backward are computed again there.
         with recomputed_outputs():
-            if self.input_quantizer is not None:
-                input = self.input_quantizer(input)
+            unused: Optional[Tensor] = None
+            quantizer = self.input_quantizer
+            if quantizer is not None and quantizer.passes_through and not input.requires_grad:
+                # Data (the model's input) that stays float or is being measured: kept out of
+                # autograd, or backward would compute the gradient with respect to it, which a
+                # float model never does (for a first convolution, more than its forward costs).
+                # The quantizer's parameters take their zero part through the weight instead.
+                input = quantizer.passed_through(input)
+                unused = quantizer.zero_weighted_parameters() if torch.is_grad_enabled() else None
+            elif quantizer is not None:
+                input = quantizer(input)
             weight = self.weight_quantizer(self.weight)
+            if unused is not None:
+                weight = weight + unused.to(weight.dtype)
             output = self.apply_weight(input, weight, self.bias, *args, **kwargs)  # type: ignore[attr-defined]
         if self.weight_quantizer.macs == 0:
             self.weight_quantizer.macs = layer_macs(self, input, output)

@@ -332,24 +332,42 @@ class BaseQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        if self.stays_float:
-            # Zero-weighted use of the parameters, as while uncalibrated: DDP expects their gradients.
-            return x + self._parameters_in_use().to(x.dtype) * 0.0
-        if not self.calibrated:
-            if self.training and self.observer is not None:
-                if self.deferred_observations is not None and torch.compiler.is_compiling():
-                    # A graph break here would outlive calibration: Dynamo keeps the split
-                    # graph for as long as the guards before the break hold.
-                    self.deferred_observations.append(x.detach())
-                else:
-                    _observe(self.observer, self, x)
-            # Zero-weighted use of the parameters keeps DDP's reducer satisfied while the
-            # range is still being measured.
-            return x + self._parameters_in_use().to(x.dtype) * 0.0
+        if self.passes_through:
+            # Zero-weighted use of the parameters: DDP expects their gradients.
+            return self.passed_through(x) + self.zero_weighted_parameters().to(x.dtype)
         # ``_quantize`` rounds in float32 (in bf16 a 4-bit grid is already coarser than the data)
         # but takes a narrower input as it is: a float32 copy made here would be kept for backward.
         narrow = x.float() if x.dtype == torch.float64 else x
         return self._quantize(grouped_view(narrow, self.granularity)).reshape(x.shape).to(x.dtype)
+
+    @property
+    def passes_through(self) -> bool:
+        """Whether `forward` gives its input back unchanged: the input stays float, or its range is still being measured."""
+        return bool(self.stays_float) or not self.calibrated
+
+    def passed_through(self, x: Tensor) -> Tensor:
+        """``x`` as it is, observed first while the range is being measured: `forward` when `passes_through`, without the parameters' zero-weighted use.
+
+        For a caller that gives the parameters their (zero) part in the loss some other way:
+        a layer whose input is data keeps it out of autograd (see
+        `lightning_nipq.layers.QuantizedLayerMixin`).
+        """
+        if not self.stays_float and self.training and self.observer is not None:
+            if self.deferred_observations is not None and torch.compiler.is_compiling():
+                # A graph break here would outlive calibration: Dynamo keeps the split
+                # graph for as long as the guards before the break hold.
+                self.deferred_observations.append(x.detach())
+            else:
+                _observe(self.observer, self, x)
+        return x
+
+    def zero_weighted_parameters(self) -> Tensor:
+        """A scalar zero that every parameter takes part in: added to an output, it gives each a zero gradient.
+
+        DDP's reducer waits for a gradient of every parameter that requires one; a quantizer
+        that passes its input through would otherwise give none.
+        """
+        return self._parameters_in_use() * 0.0
 
     def flush_observations(self) -> None:
         """Give the observer the inputs that compiled code deferred (see ``deferred_observations``)."""

@@ -7,6 +7,7 @@ import torch
 from models import fast_trainer, loader
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 from lightning_nipq import HardQuantize, NIPQCallback, attach_quantizers, hard_quantize, post_training_quantize
@@ -138,3 +139,39 @@ def HeadFirst_with_quantizers():  # noqa: N802
     model = HeadFirst()
     attach_quantizers(model)
     return model
+
+
+class _ConvolutionGradients(TorchDispatchMode):
+    """Records, for each convolution backward torch runs, which gradients it computes (input, weight, bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[list[bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_float_input_stays_out_of_autograd_and_its_quantizer_still_gets_gradients(calibrated):
+    """A float model never differentiates its input: neither does its quantized first convolution.
+
+    Before and after calibration the input quantizer passes the images through; its
+    parameters get zero gradients (DDP waits for them) through the weight instead.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 64, 4))
+    attach_quantizers(model)
+    images = torch.rand(4, 1, 8, 8)
+    if calibrated:
+        calibrate_activations(model, [images], lambda batch: model(batch))
+        assert model[0].input_quantizer.stays_float and not model[2].input_quantizer.stays_float
+    recorded = _ConvolutionGradients()
+    with recorded:
+        model(images).sum().backward()
+    assert [mask[0] for mask in recorded.masks] == [True, False]  # the second layer's backward runs first
+    for name, parameter in model[0].input_quantizer.named_parameters():
+        assert parameter.grad is not None and torch.count_nonzero(parameter.grad) == 0, name
+    assert model[0].weight.grad.abs().sum() > 0
