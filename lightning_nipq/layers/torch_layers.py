@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_nipq.layers.forms import IntegerLayerMixin, LayerKind, QuantizedLayerMixin
+from lightning_nipq.layers.patch_convolution import patch_convolution, takes_patch_gradient
 from lightning_nipq.quant.granularity import Granularity, RangeShape, is_group_size
 
 
@@ -49,6 +50,8 @@ class _ConvMaths:
     kernel_size: tuple[int, ...]
 
     def apply_weight(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if takes_patch_gradient(self, input):  # type: ignore[arg-type]
+            return patch_convolution(input, weight, bias)
         return self._conv_forward(input, weight, bias)  # type: ignore[attr-defined]
 
     def reduction_size(self) -> int:
