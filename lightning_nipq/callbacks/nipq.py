@@ -17,7 +17,7 @@ from lightning_nipq.callbacks.quantization_aware import QuantizationAwareTrainin
 from lightning_nipq.layers.model_walk import quantized_layers, quantizers
 from lightning_nipq.quant.codes import MIN_SIGNED_BITS
 from lightning_nipq.quant.nipq_quantizer import NIPQConfig
-from lightning_nipq.training.bit_budget import BUDGETS, BitBudget, model_pairs
+from lightning_nipq.training.bit_budget import BUDGETS, BitBudget, model_pairs, unique
 from lightning_nipq.training.bit_sensitivity import BitSensitivity
 from lightning_nipq.training.bit_vector import LogitTap
 from lightning_nipq.training.distillation import Distiller, frozen_copy
@@ -271,6 +271,7 @@ class NIPQCallback(QuantizationAwareTraining):
         self.sensitivity = BitSensitivity()
         self._sensitivity_state: Optional[dict[str, Any]] = None
         self._named_quantizers: dict[str, Any] = {}
+        self._quantizer_names: dict[int, str] = {}
         # (tap, quantizer names, global step) of each micro-batch's bit loss in this optimizer step.
         self._taps: list[tuple[LogitTap, list[str], int]] = []
 
@@ -361,6 +362,7 @@ class NIPQCallback(QuantizationAwareTraining):
             self._distiller.teacher.to(pl_module.device)
         self._generator = self._make_generator(pl_module.device)
         self._named_quantizers = dict(quantizers(pl_module))
+        self._quantizer_names = {id(q): name for name, q in self._named_quantizers.items()}
         for q in self._named_quantizers.values():
             q.generator = self._generator
         if self._sensitivity_state is not None:
@@ -393,9 +395,11 @@ class NIPQCallback(QuantizationAwareTraining):
         elif self.allocation == "sensitivity" and pl_module.automatic_optimization and not self._bits_frozen:
             # The sensitivities need the task's share of the bits' gradients: the tap records
             # the regulariser's share in the backward that runs anyway.
-            names = [name for name, q in self._named_quantizers.items() if q.learns_bits]
-            tap = LogitTap([self._named_quantizers[name].logistic_bits()[0] for name in names])
-            loss = self.bit_budget.loss_of(self._pairs(), tap) * self.reg_weight
+            pairs = self._pairs()
+            learning = unique([q for pair in pairs for q in pair if q is not None and q.learns_bits])
+            tap = LogitTap([q.logistic_bits()[0] for q in learning])
+            names = [self._quantizer_names.get(id(q), "") for q in learning]  # "": not observed
+            loss = self.bit_budget.loss_of(pairs, tap) * self.reg_weight
             tap.watch(loss)
             step = pl_module.global_step  # a skipped optimizer step leaves taps of an earlier one behind: drop them
             self._taps = [entry for entry in self._taps if entry[2] == step] + [(tap, names, step)]

