@@ -392,19 +392,20 @@ class NIPQCallback(QuantizationAwareTraining):
         self._bit_loss_calls += 1
         if self._phase(pl_module) == "hard" or self.reg_weight == 0:
             loss = torch.zeros((), device=pl_module.device)
-        elif self.allocation == "sensitivity" and pl_module.automatic_optimization and not self._bits_frozen:
-            # The sensitivities need the task's share of the bits' gradients: the tap records
-            # the regulariser's share in the backward that runs anyway.
-            pairs = self._pairs()
-            learning = unique([q for pair in pairs for q in pair if q is not None and q.learns_bits])
-            tap = LogitTap([q.logistic_bits()[0] for q in learning])
-            names = [self._quantizer_names.get(id(q), "") for q in learning]  # "": not observed
-            loss = self.bit_budget.loss_of(pairs, tap) * self.reg_weight
-            tap.watch(loss)
-            step = pl_module.global_step  # a skipped optimizer step leaves taps of an earlier one behind: drop them
-            self._taps = [entry for entry in self._taps if entry[2] == step] + [(tap, names, step)]
         else:
-            loss = self.bit_budget.loss_of(self._pairs()) * self.reg_weight
+            pairs = self._pairs()
+            tap = None
+            if self.allocation == "sensitivity" and pl_module.automatic_optimization and not self._bits_frozen:
+                # The sensitivities need the task's share of the bits' gradients: the tap records
+                # the regulariser's share in the backward that runs anyway.
+                learning = unique([q for pair in pairs for q in pair if q is not None and q.learns_bits])
+                tap = LogitTap([q.logistic_bits()[0] for q in learning])
+                names = [self._quantizer_names.get(id(q), "") for q in learning]  # "": not observed
+            loss = self.bit_budget.loss_of(pairs, tap) * self.reg_weight
+            if tap is not None:
+                tap.watch(loss)
+                step = pl_module.global_step  # a skipped optimizer step leaves taps of an earlier one behind: drop them
+                self._taps = [entry for entry in self._taps if entry[2] == step] + [(tap, names, step)]
         self._last_bit_loss = loss.detach()
         return loss
 

@@ -11,6 +11,7 @@ arithmetic on vectors, with the quantizers' own definitions of their bits
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Callable, Hashable, Optional, Sequence
 
@@ -193,25 +194,14 @@ class LogitTap:
         self._from_loss = grad.detach().reshape(()).float()
 
 
-_POSITIONS_CACHE_SIZE = 32
-_positions_cache: "OrderedDict[tuple[Hashable, ...], Tensor]" = OrderedDict()
-
-
+@functools.lru_cache(maxsize=32)
 def _positions(layout: tuple[int, ...], selection: tuple[int, ...], device: torch.device) -> Tensor:
     # A tap is built each step from the same logits: keep the index on the device between steps.
-    key = (layout, selection, device)
-    found = _positions_cache.get(key)
-    if found is not None:
-        _positions_cache.move_to_end(key)
-        return found
     where = {ident: i for i, ident in enumerate(layout)}
     missing = [ident for ident in selection if ident not in where]
     if missing:
         raise ValueError(f"{len(missing)} of the logits selected are not in this LogitTap; build it from every logit the loss uses")
-    index = _positions_cache[key] = torch.tensor([where[ident] for ident in selection], dtype=torch.long, device=device)
-    if len(_positions_cache) > _POSITIONS_CACHE_SIZE:
-        _positions_cache.popitem(last=False)
-    return index
+    return torch.tensor([where[ident] for ident in selection], dtype=torch.long, device=device)
 
 
 def _device_of(quantizer: BaseQuantizer) -> torch.device:
