@@ -195,6 +195,14 @@ def convert_and_compare(
     if not compare:
         return convert_to_integer(model, fold_batchnorm, fold_batch, input_fn)
     check_fold_batchnorm(fold_batchnorm)
+    # Eager, even where the user compiled the model's forward (Lightning does so in place): the
+    # check runs once, and compiled it would trace the layer hooks, one recompile per layer name,
+    # until Dynamo's recompile limit warns and gives up.
+    with torch.compiler.set_stance("force_eager"):
+        return _compare(model, compare, input_fn, fold_batchnorm, fold_batch)
+
+
+def _compare(model: nn.Module, compare: list[Any], input_fn: Optional[InputFn], fold_batchnorm: bool, fold_batch: Any) -> QuantizationReport:
     names = [name for name, _ in quantized_layers(model)]
     reference: list[Tensor] = []
     # The reference pass also records each layer's first call (from the first batch) for the layer check.

@@ -40,6 +40,20 @@ def test_hard_quantize_is_the_four_steps_in_order(calibrated):
         assert torch.equal(stepwise.eval()(x), model.eval()(x))
 
 
+def test_the_comparison_runs_eagerly_when_the_forward_is_compiled(calibrated):
+    # Lightning compiles a module's forward in place; traced, the layer check's hooks would
+    # recompile once per layer name, up to Dynamo's limit and its warning.
+    model, x = calibrated
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager")
+    model.eval()(x[:8])
+    compiled_frames = torch._dynamo.utils.counters["frames"]["total"]
+    report = convert_and_compare(model, x.split(32))
+    assert torch._dynamo.utils.counters["frames"]["total"] == compiled_frames
+    assert report.agreement == 1.0 and len(report.layer_rel_diffs) == len(report.layers)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("batches", [[], "raises", "interrupted"])
 def test_batchnorm_statistics_survive_failed_re_estimation(calibrated, batches):
     model, x = calibrated
