@@ -483,7 +483,7 @@ class NIPQCallback(QuantizationAwareTraining):
         fewer inputs). With manual optimisation the user adds the regulariser as they see fit;
         nothing is taken out then.
         """
-        recorded = [(tap.gradient(), names) for tap, names, _ in self._taps if tap.gradient() is not None]
+        recorded = [(gradient, names) for tap, names, _ in self._taps if (gradient := tap.gradient()) is not None]
         self._taps = []
         if not recorded or not pl_module.automatic_optimization:
             return None
